@@ -1,0 +1,133 @@
+"""Encoders and decoders, built once, used at the store boundary; upcasting of old versions.
+
+An event is stored as (type tag, schema version, MessagePack of its fields). Reading an old
+schema version decodes it with the old Struct and upcasts it to the current one, so a log
+written by an older flowactors stays readable forever.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from .errors import LogCorrupted
+from .events import EVENT_TYPES, Event, IterationCompleted, JobEvent, event_tag
+
+_encoder = msgspec.msgpack.Encoder()
+_decoders: dict[str, msgspec.msgpack.Decoder] = {
+    event_tag(cls): msgspec.msgpack.Decoder(cls) for cls in EVENT_TYPES
+}
+_EVENT_CLASSES: dict[str, type[Event]] = {event_tag(cls): cls for cls in EVENT_TYPES}
+CURRENT_VERSIONS: dict[str, int] = {event_tag(cls): cls.schema_version for cls in EVENT_TYPES}
+
+
+class IterationCompletedV1(msgspec.Struct, frozen=True, kw_only=True, tag_field="type",
+                           tag="job.iteration_completed"):
+    """`job.iteration_completed` schema 1: std_reward and success_rate lived in `metrics`."""
+
+    iteration: int
+    avg_reward: float
+    loss: float
+    metrics: dict[str, float] = {}
+    n_trajectories: int = 0
+    n_failed: int = 0
+    tokens: int = 0
+    cost_usd: float = 0.0
+
+
+def _upcast_iteration_v1(old: IterationCompletedV1) -> IterationCompleted:
+    metrics = dict(old.metrics)
+    return IterationCompleted(
+        iteration=old.iteration, avg_reward=old.avg_reward, loss=old.loss,
+        std_reward=metrics.get("std_reward", 0.0),
+        success_rate=metrics.get("success_rate", 0.0),
+        metrics=metrics, n_trajectories=old.n_trajectories, n_failed=old.n_failed,
+        tokens=old.tokens, cost_usd=old.cost_usd,
+    )
+
+
+# (type, old schema version) -> (decoder of the old shape, upcaster to the current Struct)
+_UPCASTERS: dict[tuple[str, int], tuple[msgspec.msgpack.Decoder, Callable[[Any], Event]]] = {
+    ("job.iteration_completed", 1): (
+        msgspec.msgpack.Decoder(IterationCompletedV1), _upcast_iteration_v1),
+}
+OLD_SHAPES: dict[tuple[str, int], type[msgspec.Struct]] = {
+    ("job.iteration_completed", 1): IterationCompletedV1,
+}
+
+
+def encode_event(event: Event) -> tuple[str, int, bytes]:
+    """Return (type tag, schema version, MessagePack bytes) of an event."""
+    cls = type(event)
+    return event_tag(cls), cls.schema_version, _encoder.encode(event)
+
+
+def decode_event(type_: str, schema_version: int, data: bytes) -> JobEvent:
+    """Decode a stored event, upcasting an old schema version to the current type.
+
+    Raises:
+        LogCorrupted: the type or version is unknown to this code, or the bytes do not match it.
+    """
+    current = CURRENT_VERSIONS.get(type_)
+    if current is None:
+        raise LogCorrupted(f"unknown event type {type_!r} (schema version {schema_version})")
+    try:
+        if schema_version == current:
+            return _decoders[type_].decode(data)
+        upcaster = _UPCASTERS.get((type_, schema_version))
+        if upcaster is None:
+            raise LogCorrupted(
+                f"event type {type_!r} has schema version {schema_version}, which this version "
+                f"of flowactors does not know (it reads up to {current})")
+        decoder, upcast = upcaster
+        return upcast(decoder.decode(data))  # type: ignore[return-value]
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise LogCorrupted(f"event of type {type_!r} does not decode: {exc}") from None
+
+
+def event_from_builtins(type_: str, schema_version: int, data: Any) -> JobEvent:
+    """Build an event from JSON-like data (an exported history line), upcasting old versions.
+
+    Raises:
+        LogCorrupted: unknown type or version, or data that does not fit it (naming the field).
+    """
+    current = CURRENT_VERSIONS.get(type_)
+    if current is None:
+        raise LogCorrupted(f"unknown event type {type_!r} (schema version {schema_version})")
+    if not isinstance(data, dict):
+        raise LogCorrupted(f"event data of type {type_!r} must be an object")
+    data = {**data, "type": type_}
+    try:
+        if schema_version == current:
+            return msgspec.convert(data, _EVENT_CLASSES[type_], strict=False)
+        shape = OLD_SHAPES.get((type_, schema_version))
+        if shape is None:
+            raise LogCorrupted(
+                f"event type {type_!r} has schema version {schema_version}, which this version "
+                f"of flowactors does not know (it reads up to {current})")
+        return _UPCASTERS[(type_, schema_version)][1](msgspec.convert(data, shape, strict=False))
+    except msgspec.ValidationError as exc:
+        raise LogCorrupted(f"event of type {type_!r} does not fit its schema: {exc}") from None
+
+
+def stored_data(data: bytes) -> Any:
+    """The stored MessagePack of an event as plain data, exactly as written (for export)."""
+    return msgspec.msgpack.decode(data)
+
+
+def encode(value: Any) -> bytes:
+    """MessagePack of any msgspec-encodable value (trainer states, checkpoints)."""
+    return _encoder.encode(value)
+
+
+def digest(data: bytes) -> str:
+    """The content address of bytes: hex SHA-256."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def digest_of(value: Any) -> str:
+    """The digest of a value's canonical MessagePack encoding."""
+    return digest(_encoder.encode(value))

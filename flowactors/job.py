@@ -1,0 +1,477 @@
+"""The pure core of a job: state, `evolve`, `decide`, `fold`, `view`.
+
+A job's state is a function of its recorded events: `fold(evolve, events)`. `decide` turns a
+command into the events that record it, or raises `InvalidTransition` and produces none. No I/O,
+no clocks, no threads, no hidden randomness here: whatever varies (time, ids, trainer results)
+arrives in the command or in the event's envelope.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from typing import Literal, assert_never
+
+import msgspec
+from msgspec.structs import replace
+
+from .errors import InvalidTransition, SpecError
+from .events import (
+    BudgetThresholdReached,
+    CheckpointSaved,
+    CheckpointsPruned,
+    Digest,
+    Event,
+    IterationCompleted,
+    JobCancelled,
+    JobCompleted,
+    JobEvent,
+    JobFailed,
+    JobPaused,
+    JobRecovered,
+    JobResumed,
+    JobStarted,
+    JobSubmitted,
+    RecordedEvent,
+    event_tag,
+)
+from .spec import JobSpec
+from .views import CheckpointInfo, Cost, JobError, JobStatus, JobView, Progress
+
+BUDGET_THRESHOLDS = (0.75, 0.9)
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+# --- state -------------------------------------------------------------------------------------
+
+
+class CheckpointRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A checkpoint as the state remembers it, with what a recovery to it rewinds to."""
+
+    info: CheckpointInfo
+    thresholds: tuple[float, ...]
+
+
+class ResumePoint(msgspec.Struct, frozen=True, kw_only=True):
+    """Where an actor starts: after `iteration`, from the trainer state in blob `state_ref`."""
+
+    iteration: int
+    state_ref: Digest
+
+
+class JobState(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything known about one job, rebuilt by folding its events."""
+
+    job_id: str
+    spec: JobSpec | None = None
+    status: JobStatus = JobStatus.QUEUED
+    version: int = 0
+    position: int = 0
+    iteration: int = 0
+    metrics: dict[str, float] = {}
+    tokens: int = 0
+    cost_usd: float = 0.0
+    thresholds: tuple[float, ...] = ()
+    checkpoints: tuple[CheckpointRecord, ...] = ()
+    resume_point: ResumePoint | None = None
+    final_state_ref: Digest | None = None
+    final_state_digest: Digest | None = None
+    validation_score: float | None = None
+    error: JobError | None = None
+    attempts: int = 0
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    @property
+    def exists(self) -> bool:
+        return self.spec is not None
+
+    @property
+    def last_checkpoint(self) -> CheckpointRecord | None:
+        return self.checkpoints[-1] if self.checkpoints else None
+
+
+def initial_state(job_id: str) -> JobState:
+    return JobState(job_id=job_id)
+
+
+# --- evolve ------------------------------------------------------------------------------------
+
+
+def evolve(state: JobState, recorded: RecordedEvent) -> JobState:
+    """Apply one recorded event. Never rejects a known event: the log is the truth."""
+    state = replace(state, version=recorded.version, position=recorded.position)
+    at = recorded.recorded_at
+    event = recorded.event
+    match event:
+        case JobSubmitted(spec=spec):
+            return replace(state, spec=spec, status=JobStatus.QUEUED, created_at=at)
+        case JobStarted():
+            return replace(state, status=JobStatus.RUNNING, started_at=state.started_at or at)
+        case IterationCompleted():
+            metrics = {
+                **event.metrics,
+                "loss": event.loss,
+                "avg_reward": event.avg_reward,
+                "std_reward": event.std_reward,
+                "success_rate": event.success_rate,
+            }
+            return replace(
+                state,
+                iteration=event.iteration,
+                metrics=metrics,
+                tokens=state.tokens + event.tokens,
+                cost_usd=state.cost_usd + event.cost_usd,
+            )
+        case CheckpointSaved():
+            info = CheckpointInfo(
+                iteration=event.iteration,
+                validation_score=event.validation_score,
+                metrics=event.metrics,
+                pruned=False,
+                state_ref=event.state_ref,
+                policy_digest=event.policy_digest,
+                optimizer_digest=event.optimizer_digest,
+                rng_digest=event.rng_digest,
+            )
+            record = CheckpointRecord(info=info, thresholds=state.thresholds)
+            return replace(
+                state,
+                checkpoints=(*state.checkpoints, record),
+                resume_point=ResumePoint(iteration=event.iteration, state_ref=event.state_ref),
+            )
+        case CheckpointsPruned(iterations=iterations):
+            pruned = set(iterations)
+            checkpoints = tuple(
+                replace(c, info=replace(c.info, pruned=True)) if c.info.iteration in pruned else c
+                for c in state.checkpoints
+            )
+            return replace(state, checkpoints=checkpoints)
+        case BudgetThresholdReached(fraction=fraction):
+            return replace(state, thresholds=(*state.thresholds, fraction))
+        case JobPaused(iteration=iteration, state_ref=state_ref):
+            resume_point = state.resume_point
+            if state_ref is not None:
+                resume_point = ResumePoint(iteration=iteration, state_ref=state_ref)
+            return replace(state, status=JobStatus.PAUSED, resume_point=resume_point)
+        case JobResumed():
+            return replace(state, status=JobStatus.QUEUED)
+        case JobCancelled():
+            return replace(state, status=JobStatus.CANCELLED, finished_at=at)
+        case JobCompleted():
+            return replace(
+                state,
+                status=JobStatus.COMPLETED,
+                finished_at=at,
+                iteration=event.iteration,
+                final_state_ref=event.final_state_ref,
+                final_state_digest=event.final_state_digest,
+                validation_score=event.validation_score,
+            )
+        case JobFailed():
+            error = JobError(type=event.error_type, message=event.message, reason=event.reason)
+            return replace(state, status=JobStatus.FAILED, finished_at=at, error=error)
+        case JobRecovered(from_checkpoint=from_checkpoint, attempt=attempt):
+            return _rewind(replace(state, attempts=attempt), from_checkpoint)
+        case _:
+            assert_never(event)
+
+
+def _rewind(state: JobState, iteration: int | None) -> JobState:
+    """Forget what iterations after `iteration` derived; cost stays counted."""
+    if iteration is None:
+        return replace(state, iteration=0, metrics={}, thresholds=(), checkpoints=(),
+                       resume_point=None)
+    kept = tuple(c for c in state.checkpoints if c.info.iteration <= iteration)
+    if not kept or kept[-1].info.iteration != iteration:  # a log this code did not write
+        return _rewind(state, None)
+    target = kept[-1]
+    return replace(
+        state,
+        iteration=iteration,
+        metrics=target.info.metrics,
+        thresholds=target.thresholds,
+        checkpoints=kept,
+        resume_point=ResumePoint(iteration=iteration, state_ref=target.info.state_ref),
+    )
+
+
+def fold(events: Iterable[RecordedEvent], state: JobState | None = None) -> JobState:
+    """The one fold used everywhere: actors on start, replay, the CLI and the tests."""
+    for recorded in events:
+        if state is None:
+            state = initial_state(recorded.stream)
+        state = evolve(state, recorded)
+    if state is None:
+        raise ValueError("fold of no events needs an initial state")
+    return state
+
+
+def state_digest(state: JobState) -> Digest:
+    """Digest of the job's folded state, without its timestamps.
+
+    Timestamps come from the envelope, which does not exist yet when an event is decided; every
+    other field is a pure function of the events, so this digest pins `evolve` itself.
+    """
+    canonical = replace(state, created_at=None, started_at=None, finished_at=None, position=0)
+    return hashlib.sha256(msgspec.msgpack.encode(canonical)).hexdigest()
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+class Submit(msgspec.Struct, frozen=True, kw_only=True):
+    spec: JobSpec
+
+
+class Start(msgspec.Struct, frozen=True, kw_only=True):
+    pass
+
+
+class Pause(msgspec.Struct, frozen=True, kw_only=True):
+    """Pause; a running job's actor passes its trainer state so resuming repeats nothing."""
+
+    state_ref: Digest | None = None
+
+
+class Resume(msgspec.Struct, frozen=True, kw_only=True):
+    pass
+
+
+class Cancel(msgspec.Struct, frozen=True, kw_only=True):
+    reason: str = "requested"
+
+
+class SavedState(msgspec.Struct, frozen=True, kw_only=True):
+    """A trainer state the actor stored as a blob, with what the checkpoint records about it."""
+
+    state_ref: Digest
+    validation_score: float
+    policy_digest: Digest
+    optimizer_digest: Digest
+    rng_digest: Digest
+
+
+class RecordIteration(msgspec.Struct, frozen=True, kw_only=True):
+    """An iteration's results; `saved` is required when a checkpoint is due or it was the last."""
+
+    result: IterationCompleted
+    saved: SavedState | None = None
+
+
+class Fail(msgspec.Struct, frozen=True, kw_only=True):
+    reason: Literal["task_error", "budget_exhausted", "restarts_exhausted"]
+    error_type: str
+    message: str
+
+
+class Recover(msgspec.Struct, frozen=True, kw_only=True):
+    attempt: int
+    cause: Literal["crash", "restart"] = "crash"
+
+
+Command = Submit | Start | Pause | Resume | Cancel | RecordIteration | Fail | Recover
+
+
+def checkpoint_due(spec: JobSpec, iteration: int) -> bool:
+    return iteration % spec.config.checkpoint_interval == 0
+
+
+def needs_saved_state(spec: JobSpec, iteration: int) -> bool:
+    """True when recording `iteration` must come with a stored trainer state."""
+    return checkpoint_due(spec, iteration) or iteration >= spec.config.n_iterations
+
+
+def decide(command: Command, state: JobState) -> list[Event]:
+    """Return the events that record `command`, or raise InvalidTransition (and record nothing)."""
+    match command:
+        case Submit(spec=spec):
+            if state.exists:
+                if state.spec != spec:
+                    raise SpecError(
+                        f"job {state.job_id!r} already exists with a different spec")
+                return []
+            return [JobSubmitted(spec=spec)]
+        case Start():
+            _require(state, command, JobStatus.QUEUED)
+            return [JobStarted()]
+        case Pause(state_ref=state_ref):
+            _require(state, command, JobStatus.QUEUED, JobStatus.RUNNING)
+            if state.status is JobStatus.QUEUED:
+                state_ref = None
+            return [JobPaused(iteration=state.iteration, state_ref=state_ref)]
+        case Resume():
+            _require(state, command, JobStatus.PAUSED)
+            return [JobResumed()]
+        case Cancel(reason=reason):
+            _require(state, command, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.PAUSED)
+            return _terminal(state, [], lambda d: JobCancelled(
+                iteration=state.iteration, reason=reason, state_digest=d))
+        case RecordIteration():
+            _require(state, command, JobStatus.RUNNING)
+            return _record_iteration(command, state)
+        case Fail(reason=reason, error_type=error_type, message=message):
+            _require(state, command, JobStatus.QUEUED, JobStatus.RUNNING)
+            return _terminal(state, [], lambda d: JobFailed(
+                iteration=state.iteration, reason=reason, error_type=error_type,
+                message=message, state_digest=d))
+        case Recover(attempt=attempt, cause=cause):
+            _require(state, command, JobStatus.RUNNING)
+            last = state.last_checkpoint
+            return [JobRecovered(
+                from_checkpoint=last.info.iteration if last else None, attempt=attempt,
+                cause=cause)]
+        case _:
+            assert_never(command)
+
+
+def _require(state: JobState, command: Command, *allowed: JobStatus) -> None:
+    if not state.exists:
+        raise InvalidTransition(f"job {state.job_id!r} does not exist")
+    if state.status not in allowed:
+        name = type(command).__name__.lower()
+        raise InvalidTransition(
+            f"cannot {name} job {state.job_id!r}: it is {state.status.value}")
+
+
+def _apply_pending(state: JobState, events: list[Event]) -> JobState:
+    """Fold not-yet-recorded events (envelope fields are placeholders: digests ignore them)."""
+    for offset, event in enumerate(events, start=1):
+        state = evolve(state, RecordedEvent(
+            position=0, stream=state.job_id, version=state.version + offset,
+            type=event_tag(type(event)), schema_version=type(event).schema_version,
+            recorded_at=_EPOCH, event=event))  # type: ignore[arg-type]
+    return state
+
+
+def _terminal(state: JobState, events: list[Event], make) -> list[Event]:
+    """Append a terminal event carrying the digest of the state the events before it lead to."""
+    before = _apply_pending(state, events)
+    return [*events, make(state_digest(before))]
+
+
+def _record_iteration(command: RecordIteration, state: JobState) -> list[Event]:
+    spec = state.spec
+    assert spec is not None
+    result = command.result
+    if result.iteration != state.iteration + 1:
+        raise InvalidTransition(
+            f"job {state.job_id!r} expected iteration {state.iteration + 1}, "
+            f"got {result.iteration}")
+    saved = command.saved
+    if needs_saved_state(spec, result.iteration) and saved is None:
+        raise ValueError(f"iteration {result.iteration} needs a saved trainer state")
+    events: list[Event] = [result]
+    config = spec.config
+    cost = state.cost_usd + result.cost_usd
+    budget = config.max_budget_usd
+    if budget is not None:
+        for fraction in BUDGET_THRESHOLDS:
+            if fraction not in state.thresholds and cost >= fraction * budget:
+                events.append(BudgetThresholdReached(
+                    fraction=fraction, cost_usd=cost, budget_usd=budget))
+    if saved is not None and checkpoint_due(spec, result.iteration):
+        metrics = _apply_pending(state, events).metrics
+        events.append(CheckpointSaved(
+            iteration=result.iteration, state_ref=saved.state_ref,
+            validation_score=saved.validation_score, metrics=metrics,
+            policy_digest=saved.policy_digest, optimizer_digest=saved.optimizer_digest,
+            rng_digest=saved.rng_digest,
+            state_digest=state_digest(_apply_pending(state, events))))
+        pruned = _prune(_apply_pending(state, events), config.keep_checkpoints, saved)
+        if pruned is not None:
+            events.append(pruned)
+    if result.iteration >= config.n_iterations:
+        assert saved is not None
+        return _terminal(state, events, lambda d: JobCompleted(
+            iteration=result.iteration, final_state_ref=saved.state_ref,
+            final_state_digest=saved.state_ref, validation_score=saved.validation_score,
+            state_digest=d))
+    if budget is not None and cost >= budget:
+        return _terminal(state, events, lambda d: JobFailed(
+            iteration=result.iteration, reason="budget_exhausted", error_type="BudgetExhausted",
+            message=f"recorded cost ${cost:.4f} reached the budget ${budget:.4f}",
+            state_digest=d))
+    return events
+
+
+def _prune(state: JobState, keep: int, latest: SavedState) -> CheckpointsPruned | None:
+    """Keep the best `keep` live checkpoints by validation score, plus always the latest."""
+    live = [c.info for c in state.checkpoints if not c.info.pruned]
+    if len(live) <= keep:
+        return None
+    by_score = sorted(live, key=lambda c: (-c.validation_score, -c.iteration))
+    kept = {c.iteration for c in by_score[:keep]} | {live[-1].iteration}
+    dropped = [c for c in live if c.iteration not in kept]
+    if not dropped:
+        return None
+    still_referenced = {c.state_ref for c in live if c.iteration in kept}
+    if state.resume_point is not None:
+        still_referenced.add(state.resume_point.state_ref)
+    still_referenced.add(latest.state_ref)
+    released = sorted({c.state_ref for c in dropped} - still_referenced)
+    return CheckpointsPruned(iterations=[c.iteration for c in dropped], released=released)
+
+
+# --- views -------------------------------------------------------------------------------------
+
+
+def best_checkpoint(state: JobState) -> CheckpointInfo | None:
+    live = [c.info for c in state.checkpoints if not c.info.pruned]
+    if not live:
+        return None
+    return max(live, key=lambda c: (c.validation_score, c.iteration))
+
+
+def checkpoint_infos(state: JobState) -> list[CheckpointInfo]:
+    """Checkpoints best first (kept ones before pruned ones)."""
+    infos = [c.info for c in state.checkpoints]
+    return sorted(infos, key=lambda c: (c.pruned, -c.validation_score, -c.iteration))
+
+
+def view(state: JobState) -> JobView:
+    """The user-facing view of a job's state."""
+    spec = state.spec
+    if spec is None:
+        raise ValueError(f"job {state.job_id!r} has no events")
+    total = spec.config.n_iterations
+    budget = spec.config.max_budget_usd
+    best = best_checkpoint(state)
+    return JobView(
+        job_id=state.job_id,
+        agent_id=spec.agent_id,
+        status=state.status,
+        progress=Progress(
+            current_iteration=state.iteration,
+            total_iterations=total,
+            percent_complete=round(100.0 * state.iteration / total, 2),
+        ),
+        metrics=state.metrics,
+        cost=Cost(
+            tokens_consumed=state.tokens,
+            cost_usd=state.cost_usd,
+            budget_usd=budget,
+            budget_remaining_usd=None if budget is None else max(0.0, budget - state.cost_usd),
+        ),
+        best_checkpoint=best.iteration if best else None,
+        error=state.error,
+        attempts=state.attempts,
+        created_at=state.created_at,
+        started_at=state.started_at,
+        finished_at=state.finished_at,
+        task=spec.task,
+        priority=spec.priority,
+        version=state.version,
+        validation_score=state.validation_score,
+    )
+
+
+def recorded_digest(event: JobEvent) -> Digest | None:
+    """The digest `event` recorded of the job's state before it, if it records one."""
+    match event:
+        case CheckpointSaved() | JobCompleted() | JobFailed() | JobCancelled():
+            return event.state_digest
+        case _:
+            return None

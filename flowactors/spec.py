@@ -1,0 +1,72 @@
+"""Validated input types: what a user submits.
+
+msgspec validates on decode, so every spec crosses the boundary through `validate_spec`, which
+turns a msgspec ValidationError into a `SpecError` naming the field path.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+
+from .errors import SpecError
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+
+
+class TrainingQuery(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One training query and the outcome that counts as success."""
+
+    query: Annotated[str, msgspec.Meta(min_length=1)]
+    expected_outcome: dict[str, Any] = {}
+    kind: str | None = None
+
+
+class GRPOConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Hyper-parameters of one GRPO training job."""
+
+    n_iterations: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 10
+    batch_size: Annotated[int, msgspec.Meta(ge=1, le=128)] = 4
+    n_trajectories_per_query: Annotated[int, msgspec.Meta(ge=1, le=16)] = 4
+    learning_rate: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.1
+    max_budget_usd: Annotated[float, msgspec.Meta(ge=0.0)] | None = None
+    checkpoint_interval: PositiveInt = 5
+    max_steps_per_trajectory: Annotated[int, msgspec.Meta(ge=1, le=100)] = 10
+    gamma: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.99
+    seed: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] = 0
+    max_parallel_rollouts: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 8
+    rollout_timeout_s: Annotated[float, msgspec.Meta(gt=0.0)] | None = None
+    keep_checkpoints: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 5
+    eval_fraction: Annotated[float, msgspec.Meta(ge=0.0, lt=1.0)] = 0.2
+
+
+class JobSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Everything needed to run (and re-run, after a crash) one training job."""
+
+    agent_id: NonEmptyStr
+    training_data: Annotated[list[TrainingQuery], msgspec.Meta(min_length=1)]
+    config: GRPOConfig = GRPOConfig()
+    task: NonEmptyStr = "simulated"
+    task_options: dict[str, Any] = {}
+    priority: Annotated[int, msgspec.Meta(ge=-1_000_000, le=1_000_000)] = 0
+
+
+def validate_spec(value: Any) -> JobSpec:
+    """Return a validated JobSpec from a JobSpec or JSON-like data.
+
+    A JobSpec built in Python is not validated by its constructor, so it is round-tripped through
+    the decoder: the single place where constraints are checked.
+
+    Raises:
+        SpecError: naming the field path, e.g. ``$.config.batch_size``.
+    """
+    try:
+        raw = msgspec.to_builtins(value)
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise SpecError(f"invalid job spec: {exc}") from None
+    try:
+        return msgspec.convert(raw, JobSpec)
+    except msgspec.ValidationError as exc:
+        raise SpecError(f"invalid job spec: {exc}") from None

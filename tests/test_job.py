@@ -1,0 +1,253 @@
+"""The pure core: given events, when a command, then events (or an error)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+
+from flowactors.errors import InvalidTransition, SpecError
+from flowactors.events import (
+    BudgetThresholdReached,
+    CheckpointSaved,
+    CheckpointsPruned,
+    IterationCompleted,
+    JobCancelled,
+    JobCompleted,
+    JobFailed,
+    JobPaused,
+    JobRecovered,
+    JobResumed,
+    JobStarted,
+    JobSubmitted,
+)
+from flowactors.job import (
+    Cancel,
+    Fail,
+    Pause,
+    RecordIteration,
+    Recover,
+    Resume,
+    SavedState,
+    Start,
+    Submit,
+    decide,
+    initial_state,
+    recorded_digest,
+    state_digest,
+    view,
+)
+from flowactors.spec import GRPOConfig, JobSpec, TrainingQuery
+from flowactors.testing import given, then
+from flowactors.views import JobStatus
+
+AT = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+def make_spec(**config) -> JobSpec:
+    defaults = dict(n_iterations=10, checkpoint_interval=3)
+    return JobSpec(agent_id="agent", training_data=[TrainingQuery(query="q")],
+                   config=GRPOConfig(**{**defaults, **config}))
+
+
+def result(i: int, cost: float = 0.0) -> IterationCompleted:
+    return IterationCompleted(iteration=i, avg_reward=0.1 * i, std_reward=0.01, loss=1.0 / i,
+                              cost_usd=cost, tokens=10)
+
+
+def saved(i: int, score: float = 0.5) -> SavedState:
+    return SavedState(state_ref=f"{i:064x}", validation_score=score, policy_digest="p",
+                      optimizer_digest="o", rng_digest="r")
+
+
+def run_iterations(state, upto: int, scores=None, cost: float = 0.0):
+    """Decide and fold iterations state.iteration+1 .. upto; returns (state, all events)."""
+    spec = state.spec
+    emitted = []
+    for i in range(state.iteration + 1, upto + 1):
+        due = i % spec.config.checkpoint_interval == 0 or i == spec.config.n_iterations
+        score = (scores or {}).get(i, 0.5)
+        events = decide(RecordIteration(result=result(i, cost), saved=saved(i, score) if due
+                                        else None), state)
+        emitted.extend(events)
+        state = then(state, events)
+    return state, emitted
+
+
+def test_submit_then_start_runs_the_job():
+    """A submitted job is queued; Start makes it running and stamps started_at from the log."""
+    spec = make_spec()
+    assert decide(Submit(spec=spec), initial_state("job")) == [JobSubmitted(spec=spec)]
+    state = given(JobSubmitted(spec=spec))
+    assert state.status is JobStatus.QUEUED
+    assert decide(Start(), state) == [JobStarted()]
+    assert given(JobSubmitted(spec=spec), JobStarted()).started_at == AT
+
+
+def test_submit_is_idempotent_and_rejects_another_spec():
+    """The same spec again decides nothing; a different spec under the same id is a SpecError."""
+    state = given(JobSubmitted(spec=make_spec()))
+    assert decide(Submit(spec=make_spec()), state) == []
+    with pytest.raises(SpecError, match="different spec"):
+        decide(Submit(spec=make_spec(seed=1)), state)
+
+
+@pytest.mark.parametrize(
+    "history, command",
+    [
+        ([JobStarted(), ], Resume()),
+        ([], Resume()),
+        ([JobPaused(iteration=0)], Start()),
+        ([JobCancelled(iteration=0, state_digest="d")], Cancel()),
+        ([JobCancelled(iteration=0, state_digest="d")], Resume()),
+        ([JobStarted(), JobFailed(iteration=0, reason="task_error", error_type="E",
+                                  message="m", state_digest="d")], Pause()),
+        ([JobPaused(iteration=0)], Pause()),
+        ([], RecordIteration(result=result(1))),
+        ([JobPaused(iteration=0)], Fail(reason="task_error", error_type="E", message="m")),
+    ],
+)
+def test_illegal_transitions_raise_and_decide_nothing(history, command):
+    """Every command outside the lifecycle of DESIGN.md raises InvalidTransition."""
+    state = given(JobSubmitted(spec=make_spec()), *history)
+    with pytest.raises(InvalidTransition, match="job"):
+        decide(command, state)
+
+
+def test_commands_on_a_missing_job_raise():
+    """A job with no events cannot be started, paused or cancelled."""
+    with pytest.raises(InvalidTransition, match="does not exist"):
+        decide(Cancel(), initial_state("nope"))
+
+
+def test_legal_lifecycle_paths():
+    """queued→paused→queued→running→paused→queued→cancelled are all allowed."""
+    spec = make_spec()
+    state = given(JobSubmitted(spec=spec))
+    for command, status in [(Pause(), JobStatus.PAUSED), (Resume(), JobStatus.QUEUED),
+                            (Start(), JobStatus.RUNNING),
+                            (Pause(state_ref="ab" * 32), JobStatus.PAUSED),
+                            (Resume(), JobStatus.QUEUED), (Cancel(), JobStatus.CANCELLED)]:
+        state = then(state, decide(command, state))
+        assert state.status is status
+    assert state.finished_at == AT
+
+
+def test_checkpoints_fall_on_multiples_of_the_interval_and_completion_references_final():
+    """n=10, interval=3: checkpoints 3, 6, 9; the completion event references iteration 10."""
+    state = given(JobSubmitted(spec=make_spec()), JobStarted())
+    state, events = run_iterations(state, 10)
+    assert [e.iteration for e in events if isinstance(e, CheckpointSaved)] == [3, 6, 9]
+    completed = events[-1]
+    assert isinstance(completed, JobCompleted) and completed.iteration == 10
+    assert completed.final_state_ref == saved(10).state_ref
+    assert state.status is JobStatus.COMPLETED
+    assert view(state).progress.percent_complete == 100.0
+
+
+def test_an_iteration_out_of_order_is_rejected():
+    """Recording iteration 3 after 1 raises: the core never skips or repeats an iteration."""
+    state, _ = run_iterations(given(JobSubmitted(spec=make_spec()), JobStarted()), 1)
+    with pytest.raises(InvalidTransition, match="expected iteration 2"):
+        decide(RecordIteration(result=result(3)), state)
+
+
+def test_budget_thresholds_and_exhaustion():
+    """Cost crossing 75% and 90% records thresholds once; reaching the budget fails the job."""
+    spec = make_spec(max_budget_usd=1.0, n_iterations=100)
+    state = given(JobSubmitted(spec=spec), JobStarted())
+    state, events = run_iterations(state, 4, cost=0.25)
+    thresholds = [e.fraction for e in events if isinstance(e, BudgetThresholdReached)]
+    assert thresholds == [0.75, 0.9]
+    failed = events[-1]
+    assert isinstance(failed, JobFailed) and failed.reason == "budget_exhausted"
+    assert state.status is JobStatus.FAILED and state.error.reason == "budget_exhausted"
+    assert view(state).cost.budget_remaining_usd == 0.0
+
+
+def test_pruning_keeps_the_best_and_the_latest():
+    """keep_checkpoints=2: the two best by validation score survive, and always the latest."""
+    spec = make_spec(n_iterations=20, checkpoint_interval=1, keep_checkpoints=2)
+    scores = {1: 0.9, 2: 0.1, 3: 0.8, 4: 0.2, 5: 0.3}
+    state = given(JobSubmitted(spec=spec), JobStarted())
+    state, events = run_iterations(state, 5, scores=scores)
+    pruned = sorted(i for e in events if isinstance(e, CheckpointsPruned) for i in e.iterations)
+    assert pruned == [2, 4]
+    live = [c.info.iteration for c in state.checkpoints if not c.info.pruned]
+    assert live == [1, 3, 5]
+    assert view(state).best_checkpoint == 1
+    released = {d for e in events if isinstance(e, CheckpointsPruned) for d in e.released}
+    assert released == {saved(2).state_ref, saved(4).state_ref}
+
+
+def test_recovery_rewinds_derived_state_but_keeps_cost():
+    """A recovery to checkpoint 6 forgets iterations 7-8 (progress, metrics, thresholds, best
+    checkpoint) except their cost; attempts counts the recovery."""
+    spec = make_spec(max_budget_usd=100.0)
+    state = given(JobSubmitted(spec=spec), JobStarted())
+    state, _ = run_iterations(state, 6, cost=1.0)
+    metrics_at_6 = state.metrics
+    state, _ = run_iterations(state, 8, scores={}, cost=40.0)
+    assert 0.75 in state.thresholds
+    events = decide(Recover(attempt=1), state)
+    assert events == [JobRecovered(from_checkpoint=6, attempt=1, cause="crash")]
+    state = then(state, events)
+    assert state.iteration == 6 and state.metrics == metrics_at_6
+    assert state.thresholds == () and state.attempts == 1
+    assert state.cost_usd == pytest.approx(86.0)
+    assert state.resume_point.iteration == 6
+    # the re-run iterations are recorded again after the recovery
+    state, events = run_iterations(state, 7)
+    assert events[0].iteration == 7
+
+
+def test_recovery_before_the_first_checkpoint_restarts_from_scratch():
+    """With no checkpoint yet, recovery rewinds to the initial state."""
+    state, _ = run_iterations(given(JobSubmitted(spec=make_spec()), JobStarted()), 2)
+    events = decide(Recover(attempt=1), state)
+    assert events == [JobRecovered(from_checkpoint=None, attempt=1, cause="crash")]
+    state = then(state, events)
+    assert state.iteration == 0 and state.resume_point is None
+
+
+def test_terminal_and_checkpoint_events_carry_the_digest_of_the_state_before_them():
+    """Replaying recomputes each recorded digest from the fold (invariant 4)."""
+    state = given(JobSubmitted(spec=make_spec()), JobStarted())
+    checked = 0
+    for i in range(1, 11):
+        due = i % 3 == 0 or i == 10
+        events = decide(RecordIteration(result=result(i), saved=saved(i) if due else None), state)
+        for event in events:
+            digest = recorded_digest(event)
+            if digest is not None:
+                assert digest == state_digest(state)
+                checked += 1
+            state = then(state, [event])
+    assert checked == 4  # checkpoints 3, 6, 9 and the completion
+
+
+def test_state_digest_ignores_timestamps_but_not_data():
+    """The digest is independent of recorded_at, sensitive to any domain field."""
+    a = given(JobSubmitted(spec=make_spec()))
+    b = given(JobSubmitted(spec=make_spec(seed=7)))
+    assert state_digest(a) != state_digest(b)
+    from msgspec.structs import replace
+    assert state_digest(replace(a, created_at=None)) == state_digest(a)
+
+
+def test_pause_of_a_running_job_keeps_its_trainer_state():
+    """A running job paused at a boundary resumes from the snapshot it paused with."""
+    state, _ = run_iterations(given(JobSubmitted(spec=make_spec()), JobStarted()), 4)
+    ref = "cd" * 32
+    state = then(state, decide(Pause(state_ref=ref), state))
+    assert state.status is JobStatus.PAUSED
+    assert state.resume_point.iteration == 4 and state.resume_point.state_ref == ref
+    state = then(state, decide(Resume(), state))
+    assert state.status is JobStatus.QUEUED and state.iteration == 4
+
+
+def test_cancel_records_the_iteration_reached():
+    """A cancelled job's event says how far it got."""
+    state, _ = run_iterations(given(JobSubmitted(spec=make_spec()), JobStarted()), 2)
+    (event,) = decide(Cancel(reason="user"), state)
+    assert isinstance(event, JobCancelled) and event.iteration == 2 and event.reason == "user"
