@@ -43,3 +43,14 @@ class CheckpointNotFound(FlowError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "checkpoint not found"
+
+
+class BlobNotFound(FlowError, KeyError):
+    """No blob with this digest is stored in the log (never stored, or released and deleted)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "blob not found"
+
+
+class LogNotFound(FlowError, FileNotFoundError):
+    """A read-only or requester open found no log at the path (only an owner creates one)."""

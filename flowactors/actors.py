@@ -1,0 +1,298 @@
+"""JobActor: one pykka actor per running job.
+
+The iteration loop runs as messages to itself (`_NextIteration` → rollouts in the pool →
+`_RolloutsDone`), so cancel and pause requests are handled between steps, never queued behind a
+whole job. The actor is the only writer of its job's stream while it runs; every decision goes
+through `job.decide` and every state change through `job.evolve`.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import msgspec
+import pykka
+import structlog
+
+from . import codec
+from .errors import FlowError
+from .events import Event, IterationCompleted, RecordedEvent
+from .faults import fault_point
+from .job import (
+    Cancel,
+    Command,
+    Fail,
+    JobState,
+    Pause,
+    RecordIteration,
+    SavedState,
+    decide,
+    fold,
+    needs_saved_state,
+)
+from .rollouts import Deadlines, RolloutBatch, RolloutPool
+from .tasks import Task, Trajectory
+from .training import batch_for, split_data
+
+log = structlog.get_logger(__name__)
+
+
+class JobHost(Protocol):
+    """What a job actor needs from the runtime that hosts it."""
+
+    store: Any
+    pool: RolloutPool
+    closing: bool
+    deadlines: Deadlines
+
+    def publish(self, state: JobState, recorded: Sequence[RecordedEvent]) -> None:
+        """Called on the actor's thread after each durable append."""
+
+    def actor_stopped(self, job_id: str, state: JobState, error: BaseException | None) -> None:
+        """Called once when the actor is done (terminal, paused, cancelled, or stalled)."""
+
+
+class _NextIteration(msgspec.Struct, frozen=True):
+    pass
+
+
+class _RolloutsDone(msgspec.Struct, frozen=True):
+    iteration: int
+    groups: list[list[Trajectory]]
+
+
+class CancelRequest(msgspec.Struct, frozen=True):
+    reason: str = "requested"
+
+
+class PauseRequest(msgspec.Struct, frozen=True):
+    pass
+
+
+class JobActor(pykka.ThreadingActor):
+    """Trains one job from its resume point until it is terminal, paused or cancelled."""
+
+    use_daemon_thread = True  # a task stuck in update() must not hang interpreter exit
+
+    def __init__(self, *, host: JobHost, state: JobState, task: Task,
+                 start: Command) -> None:
+        super().__init__()
+        assert state.spec is not None
+        self.host = host
+        self.state = state
+        self.spec = state.spec
+        self.task = task
+        self.start_command = start
+        self.train, self.held_out = split_data(self.spec)
+        self.trainer: Any = None
+        self.batch: RolloutBatch | None = None
+        self.pause_requested = False
+        self.stopped_with: BaseException | None = None
+        self.stopping = False
+        self.log = log.bind(job_id=state.job_id)
+
+    # --- lifecycle hooks (run on the actor's thread) ---
+
+    def on_start(self) -> None:
+        try:
+            self._begin()
+        except Exception:
+            self.on_failure(*sys.exc_info())  # pykka calls on_failure only for on_receive
+            raise
+
+    def on_stop(self) -> None:
+        self.stopping = True
+        if self.batch is not None:
+            self.batch.cancel()
+        self.host.actor_stopped(self.state.job_id, self.state, self.stopped_with)
+
+    def on_failure(self, exception_type: Any, exception_value: Any, tb: Any) -> None:
+        """An unexpected error: the supervisor (the runtime) restarts the job by replay."""
+        self.stopping = True
+        if self.batch is not None:
+            self.batch.cancel()
+        self.log.error("job_actor_crashed", error=repr(exception_value),
+                       traceback="".join(traceback.format_tb(tb)))
+        self.host.actor_stopped(self.state.job_id, self.state, exception_value)
+
+    def on_receive(self, message: Any) -> Any:
+        if self.stopping or self.host.closing:
+            return None  # messages queued behind our own stop
+        match message:
+            case _NextIteration():
+                self._start_iteration()
+            case _RolloutsDone(iteration=iteration, groups=groups):
+                self._finish_iteration(iteration, groups)
+            case CancelRequest(reason=reason):
+                self._cancel(reason)
+            case PauseRequest():
+                self.pause_requested = True
+                if self.batch is None:  # between iterations: pause now
+                    self._pause()
+            case _:
+                raise TypeError(f"unexpected message {message!r}")
+
+    # --- steps ---
+
+    def _finish(self) -> None:
+        """Stop after this message; anything already queued is ignored."""
+        self.stopping = True
+        self.stop()
+
+    def _append(self, events: list[Event], blobs: Sequence[bytes] = (),
+                releases: Sequence[str] = ()) -> None:
+        """Append durably, then fold and publish. A store failure stops the job, unrecorded."""
+        if not events:
+            return
+        if self.host.closing:  # close() writes no job events: the job resumes on reopen
+            self._finish()
+            raise _Stopped()
+        try:
+            recorded = self.host.store.append(self.state.job_id, events, self.state.version,
+                                              blobs=blobs, releases=releases)
+        except FlowError as exc:
+            self.log.error("append_failed", error=str(exc))
+            self.stopped_with = exc
+            self._finish()
+            raise _Stopped() from exc
+        self.state = fold(recorded, self.state)
+        self.host.publish(self.state, recorded)
+
+    def _decide_and_append(self, command: Command, blobs: Sequence[bytes] = ()) -> None:
+        self._append(decide(command, self.state), blobs)
+
+    def _begin(self) -> None:
+        try:
+            self._decide_and_append(self.start_command)
+            fault_point("actor.started")
+            self.log.info("job_started", iteration=self.state.iteration,
+                          attempt=self.state.attempts)
+            try:
+                self.trainer = self._load_trainer()
+            except Exception as exc:
+                self._fail_task(exc)
+                return
+            self._continue()
+        except _Stopped:
+            pass
+
+    def _load_trainer(self) -> Any:
+        point = self.state.resume_point
+        if point is None:
+            return self.task.init(self.spec)
+        blob = self.host.store.get_blob(point.state_ref)
+        return msgspec.msgpack.decode(blob, type=getattr(self.task, "state_type", Any))
+
+    def _continue(self) -> None:
+        if self.state.status.is_terminal:
+            self._finish()
+        elif self.pause_requested:
+            self._pause()
+        else:
+            self.actor_ref.tell(_NextIteration())
+
+    def _start_iteration(self) -> None:
+        if self.batch is not None or self.state.status.is_terminal:
+            return
+        iteration = self.state.iteration + 1
+        queries = batch_for(self.spec, self.train, iteration)
+        actor_ref = self.actor_ref
+
+        def on_complete(groups: list[list[Trajectory]]) -> None:
+            actor_ref.tell(_RolloutsDone(iteration, groups))
+
+        self.batch = RolloutBatch(
+            pool=self.host.pool, deadlines=self.host.deadlines, task=self.task,
+            state=self.trainer, spec=self.spec, iteration=iteration, queries=queries,
+            on_complete=on_complete)
+        self.batch.start()
+
+    def _finish_iteration(self, iteration: int, groups: list[list[Trajectory]]) -> None:
+        if self.batch is None or iteration != self.state.iteration + 1:
+            return  # a late result of an abandoned batch
+        self.batch = None
+        try:
+            blobs: list[bytes] = []
+            saved = None
+            try:  # the task's own code: its exceptions fail the job, not the runtime
+                trainer, metrics = self.task.update(self.trainer, groups, self.spec.config)
+                if needs_saved_state(self.spec, iteration):
+                    blob = codec.encode(trainer)
+                    saved = self._saved_state(trainer, blob)
+                    blobs.append(blob)
+            except Exception as exc:
+                self._fail_task(exc)
+                return
+            result = _iteration_result(iteration, groups, metrics)
+            events = decide(RecordIteration(result=result, saved=saved), self.state)
+            releases = [r for e in events for r in getattr(e, "released", ())]
+            fault_point("actor.checkpoint" if blobs else "actor.iteration")
+            self._append(events, blobs, releases)
+            self.trainer = trainer
+            self._continue()
+        except _Stopped:
+            pass
+
+    def _saved_state(self, trainer: Any, blob: bytes) -> SavedState:
+        score = float(self.task.evaluate(trainer, self.held_out))
+        return SavedState(
+            state_ref=codec.digest(blob),
+            validation_score=score,
+            policy_digest=codec.digest_of(getattr(trainer, "policy", trainer)),
+            optimizer_digest=codec.digest_of(getattr(trainer, "optimizer", None)),
+            rng_digest=codec.digest_of(getattr(trainer, "rng", None)),
+        )
+
+    def _fail_task(self, exc: Exception) -> None:
+        self.log.warning("task_failed", error_type=type(exc).__name__, error=str(exc))
+        self._decide_and_append(Fail(reason="task_error", error_type=type(exc).__name__,
+                                     message=str(exc)))
+        self._finish()
+
+    def _cancel(self, reason: str) -> None:
+        if self.batch is not None:
+            self.batch.cancel()
+            self.batch = None
+        try:
+            self._decide_and_append(Cancel(reason=reason))
+            self.log.info("job_cancelled", iteration=self.state.iteration)
+            self._finish()
+        except _Stopped:
+            pass
+
+    def _pause(self) -> None:
+        try:
+            blob = codec.encode(self.trainer)
+            self._decide_and_append(Pause(state_ref=codec.digest(blob)), blobs=[blob])
+            self.log.info("job_paused", iteration=self.state.iteration)
+            self._finish()
+        except _Stopped:
+            pass
+
+
+class _Stopped(Exception):
+    """Internal: the store refused an append; the actor is already stopping."""
+
+
+def _iteration_result(iteration: int, groups: list[list[Trajectory]],
+                      metrics: dict[str, float]) -> IterationCompleted:
+    trajectories = [t for g in groups for t in g]
+    ok = [t.reward for t in trajectories if not t.failed]
+    mean = sum(ok) / len(ok) if ok else 0.0
+    std = (sum((r - mean) ** 2 for r in ok) / len(ok)) ** 0.5 if ok else 0.0
+    extra = {k: float(v) for k, v in metrics.items() if k != "loss"}
+    return IterationCompleted(
+        iteration=iteration,
+        avg_reward=mean,
+        std_reward=std,
+        loss=float(metrics.get("loss", 0.0)),
+        success_rate=sum(t.success for t in trajectories) / max(1, len(trajectories)),
+        metrics=extra,
+        n_trajectories=len(trajectories),
+        n_failed=sum(t.failed for t in trajectories),
+        tokens=sum(t.tokens for t in trajectories),
+        cost_usd=sum(t.cost_usd for t in trajectories),
+    )

@@ -1,0 +1,481 @@
+"""Runtime: the public facade. Opening one recovers every unfinished job from the log.
+
+The runtime owns the log (one owner at a time), admits queued jobs up to `max_concurrent_jobs`
+(by priority, then submission order), supervises job actors (an actor that dies unexpectedly is
+restarted by replay, a bounded number of times), serves `status()` from an in-memory view
+updated after each commit, and answers control requests other processes leave in the inbox.
+"""
+
+from __future__ import annotations
+
+import heapq
+import queue
+import signal
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import msgspec
+import pykka
+import structlog
+
+from .actors import CancelRequest, JobActor, PauseRequest
+from .errors import (
+    CheckpointNotFound,
+    FlowError,
+    InvalidTransition,
+    JobNotFound,
+    SpecError,
+    StoreUnavailable,
+)
+from .events import RecordedEvent
+from .faults import fault_point
+from .job import (
+    Cancel,
+    Command,
+    Fail,
+    JobState,
+    Pause,
+    Recover,
+    Resume,
+    Start,
+    Submit,
+    checkpoint_infos,
+    decide,
+    evolve,
+    fold,
+    initial_state,
+    view,
+)
+from .rollouts import Deadlines, RolloutPool
+from .spec import JobSpec, validate_spec
+from .store import EventStore
+from .tasks import build_task
+from .views import CheckpointInfo, JobStatus, JobView
+
+log = structlog.get_logger(__name__)
+
+MAX_RESTARTS = 3
+INBOX_POLL_SECONDS = 0.1
+CONTROL_TIMEOUT_SECONDS = 600.0
+_WATCH_END = object()
+
+
+class Runtime:
+    """An embedded runtime on one log file. Use as a context manager.
+
+    Args:
+        path: the SQLite log (created if missing).
+        max_concurrent_jobs: jobs running at once; the others wait, queued, holding no thread.
+        max_rollout_workers: rollouts running at once across all jobs.
+        synchronous: SQLite durability: "full" (default, survives power loss), "normal", "off".
+        handle_signals: close cleanly on SIGINT/SIGTERM when created on the main thread and the
+            default handlers are in place.
+
+    Raises:
+        StoreLocked: another runtime owns this log. LogCorrupted: not a flowactors log.
+    """
+
+    def __init__(self, path: str | Path = "flow.db", *, max_concurrent_jobs: int = 100,
+                 max_rollout_workers: int = 64, synchronous: str = "full",
+                 handle_signals: bool = True) -> None:
+        if max_concurrent_jobs < 1 or max_rollout_workers < 1:
+            raise ValueError("max_concurrent_jobs and max_rollout_workers must be >= 1")
+        self.path = Path(path)
+        self.max_concurrent_jobs = max_concurrent_jobs
+        self.store = EventStore(self.path, mode="owner", synchronous=synchronous)
+        self.pool = RolloutPool(max_rollout_workers)
+        self.deadlines = Deadlines()
+        self.closing = False
+        self._lock = threading.RLock()  # control decisions and admission
+        self._changed = threading.Condition()  # a job's state changed
+        self._states: dict[str, JobState] = {}
+        self._views: dict[str, JobView] = {}
+        self._order: dict[str, int] = {}  # submission position, for the queue's order
+        self._queue: list[tuple[int, int, str]] = []
+        self._actors: dict[str, pykka.ActorRef] = {}
+        self._restarts: dict[str, int] = {}
+        self._stalled: dict[str, str] = {}
+        self._watchers: list[tuple[str | None, Any]] = []
+        self._previous_handlers: dict[int, Any] = {}
+        try:
+            self._recover()
+        except BaseException:
+            self._shutdown()
+            raise
+        self._inbox_stop = threading.Event()
+        self._inbox_thread = threading.Thread(target=self._tail_inbox, daemon=True,
+                                              name="flowactors-inbox")
+        self._inbox_thread.start()
+        if handle_signals:
+            self._install_signal_handlers()
+
+    # --- context manager ---
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- submitting and controlling jobs ---
+
+    def submit(self, spec: JobSpec | dict[str, Any], *, job_id: str | None = None) -> str:
+        """Queue a job; returns its id. Idempotent with a caller's `job_id` and the same spec.
+
+        Raises:
+            SpecError: invalid spec, unknown task, bad task options, or `job_id` reused with
+                another spec. Nothing is written then.
+        """
+        spec = validate_spec(spec)
+        build_task(spec)  # an unknown task or bad options fails now, not in the actor
+        if job_id is None:
+            job_id = uuid.uuid4().hex
+        elif not isinstance(job_id, str) or not job_id or len(job_id) > 200 \
+                or not job_id.isprintable():
+            raise SpecError(f"job_id must be a non-empty printable string of at most 200 "
+                            f"characters, got {job_id!r}")
+        with self._lock:
+            self._check_open()
+            state = self._states.get(job_id) or initial_state(job_id)
+            events = decide(Submit(spec=spec), state)
+            if events:
+                self._append_direct(state, events)
+                log.info("job_submitted", job_id=job_id, agent_id=spec.agent_id)
+                self._enqueue(job_id)
+                self._schedule()
+        return job_id
+
+    def pause(self, job_id: str) -> JobView:
+        """Pause a job (a running one at its next iteration boundary); returns the new view."""
+        return self._control(job_id, "pause")
+
+    def resume(self, job_id: str) -> JobView:
+        """Queue a paused job again; it continues exactly where it paused."""
+        return self._control(job_id, "resume")
+
+    def cancel(self, job_id: str, reason: str = "requested") -> JobView:
+        """Cancel a job, mid-iteration if it runs; does not wait for abandoned rollouts."""
+        return self._control(job_id, "cancel", reason)
+
+    def _control(self, job_id: str, command: str, reason: str = "requested") -> JobView:
+        with self._lock:
+            self._check_open()
+            state = self._state(job_id)
+            actor = self._actors.get(job_id)
+            if actor is None:
+                cmd: Command = {"pause": Pause, "resume": Resume,
+                                "cancel": lambda: Cancel(reason=reason)}[command]()
+                self._append_direct(state, decide(cmd, state))
+                if command == "resume":
+                    self._enqueue(job_id)
+                    self._schedule()
+                return self._views[job_id]
+            if command == "resume":
+                decide(Resume(), state)  # raises InvalidTransition: it is running or queued
+            try:
+                actor.tell(PauseRequest() if command == "pause" else CancelRequest(reason))
+            except pykka.ActorDeadError:
+                pass
+        with self._changed:
+            if not self._changed.wait_for(lambda: job_id not in self._actors,
+                                          CONTROL_TIMEOUT_SECONDS):
+                raise TimeoutError(f"job {job_id!r} did not reach an iteration boundary in time")
+        if job_id in self._stalled:
+            raise StoreUnavailable(f"job {job_id!r}: {self._stalled[job_id]}")
+        final = self._views[job_id]
+        wanted = JobStatus.PAUSED if command == "pause" else JobStatus.CANCELLED
+        if final.status is not wanted:
+            if final.status is JobStatus.QUEUED:  # admitted actor stopped by close or restart
+                return self._control(job_id, command, reason)
+            raise InvalidTransition(
+                f"cannot {command} job {job_id!r}: it is {final.status.value}")
+        return final
+
+    # --- reading ---
+
+    def status(self, job_id: str) -> JobView:
+        """The job's current view, from memory: never waits behind a busy actor."""
+        try:
+            return self._views[job_id]
+        except KeyError:
+            raise JobNotFound(f"job {job_id!r} not found in {self.path}") from None
+
+    def jobs(self, status: JobStatus | str | None = None) -> list[JobView]:
+        """Every job's view (optionally of one status), in submission order."""
+        views = sorted(self._views.values(), key=lambda v: self._order.get(v.job_id, 0))
+        if status is None:
+            return views
+        wanted = JobStatus(status)
+        return [v for v in views if v.status is wanted]
+
+    def wait(self, job_id: str, timeout: float | None = None) -> JobView:
+        """Block until the job is terminal; returns its view.
+
+        Raises:
+            TimeoutError: not terminal within `timeout` seconds.
+            StoreUnavailable: the job stopped because its events could not be written.
+        """
+        self._state(job_id)
+        with self._changed:
+            done = self._changed.wait_for(
+                lambda: self._views[job_id].status.is_terminal or job_id in self._stalled
+                or self.closing, timeout)
+        if job_id in self._stalled:
+            raise StoreUnavailable(f"job {job_id!r}: {self._stalled[job_id]}")
+        if not done or not self._views[job_id].status.is_terminal:
+            raise TimeoutError(f"job {job_id!r} is still {self._views[job_id].status.value} "
+                               f"after {timeout}s")
+        return self._views[job_id]
+
+    def history(self, job_id: str) -> Iterator[RecordedEvent]:
+        """The job's recorded events, in order."""
+        self._state(job_id)
+        return self.store.read_stream(job_id)
+
+    def watch(self, job_id: str | None = None) -> Iterator[RecordedEvent]:
+        """Yield events as they are committed (a live tail); ends when the job is terminal
+        (for one job) or when the runtime closes."""
+        if job_id is not None:
+            self._state(job_id)
+        inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        entry = (job_id, inbox)
+        with self._changed:
+            self._watchers.append(entry)
+        return self._drain_watch(entry, job_id)
+
+    def _drain_watch(self, entry: tuple[str | None, Any], job_id: str | None
+                     ) -> Iterator[RecordedEvent]:
+        inbox = entry[1]
+        try:
+            if job_id is not None and self._views[job_id].status.is_terminal:
+                return
+            while True:
+                item = inbox.get()
+                if item is _WATCH_END:
+                    return
+                yield item
+                if job_id is not None and self._views[job_id].status.is_terminal \
+                        and self._views[job_id].version <= item.version:
+                    return
+        finally:
+            with self._changed:
+                if entry in self._watchers:
+                    self._watchers.remove(entry)
+
+    def checkpoints(self, job_id: str) -> list[CheckpointInfo]:
+        """The job's checkpoints, best first (pruned ones last)."""
+        return checkpoint_infos(self._state(job_id))
+
+    def load_checkpoint(self, job_id: str, iteration: int) -> Any:
+        """The full trainer state saved at `iteration` (decoded with the task's state type)."""
+        state = self._state(job_id)
+        for info in checkpoint_infos(state):
+            if info.iteration == iteration:
+                if info.pruned:
+                    raise CheckpointNotFound(
+                        f"checkpoint {iteration} of job {job_id!r} was pruned")
+                assert state.spec is not None
+                task = build_task(state.spec)
+                return msgspec.msgpack.decode(self.store.get_blob(info.state_ref),
+                                              type=getattr(task, "state_type", Any))
+        raise CheckpointNotFound(f"job {job_id!r} has no checkpoint at iteration {iteration}")
+
+    # --- closing ---
+
+    def close(self) -> None:
+        """Stop cleanly without writing job events: running jobs resume on the next open."""
+        if self.closing:
+            return
+        self.closing = True
+        self._restore_signal_handlers()
+        self._inbox_stop.set()
+        with self._lock:
+            actors = list(self._actors.values())
+        for actor in actors:
+            try:
+                actor.stop(block=False)
+            except pykka.ActorDeadError:
+                pass
+        with self._changed:
+            self._changed.wait_for(lambda: not self._actors, timeout=5.0)
+            for _, inbox in self._watchers:
+                inbox.put(_WATCH_END)
+            self._changed.notify_all()
+        self._shutdown()
+        log.info("runtime_closed", path=str(self.path))
+
+    def _shutdown(self) -> None:
+        self.closing = True
+        self.pool.close()
+        self.deadlines.close()
+        self.store.close()
+
+    # --- internals: recovery, scheduling, supervision ---
+
+    def _recover(self) -> None:
+        """Replay the log; queue queued jobs; resume running ones from their last checkpoint."""
+        states = self._states
+        for recorded in self.store.read_all():
+            stream = recorded.stream
+            state = states.get(stream)
+            if state is None:
+                state = initial_state(stream)
+                self._order[stream] = recorded.position
+            states[stream] = evolve(state, recorded)
+        for job_id, state in states.items():
+            self._views[job_id] = view(state)
+        recovered = 0
+        fault_point("runtime.recover")
+        with self._lock:
+            for job_id, state in states.items():
+                if state.status is JobStatus.QUEUED:
+                    self._enqueue(job_id)
+                elif state.status is JobStatus.RUNNING:
+                    self._start_actor(state, Recover(attempt=state.attempts + 1, cause="crash"))
+                    recovered += 1
+            self._schedule()
+        log.info("runtime_opened", path=str(self.path), jobs=len(states), recovered=recovered)
+
+    def _enqueue(self, job_id: str) -> None:
+        state = self._states[job_id]
+        assert state.spec is not None
+        heapq.heappush(self._queue, (-state.spec.priority, self._order[job_id], job_id))
+
+    def _schedule(self) -> None:
+        """Admit queued jobs while slots are free (called with the lock held)."""
+        while self._queue and len(self._actors) < self.max_concurrent_jobs and not self.closing:
+            _, _, job_id = heapq.heappop(self._queue)
+            state = self._states[job_id]
+            if state.status is JobStatus.QUEUED and job_id not in self._actors:
+                self._start_actor(state, Start())
+
+    def _start_actor(self, state: JobState, start: Command) -> None:
+        assert state.spec is not None
+        try:
+            task = build_task(state.spec)
+        except SpecError as exc:  # the task's code is gone since the job was submitted
+            self._append_direct(state, decide(Fail(
+                reason="task_error", error_type="SpecError", message=str(exc)), state))
+            return
+        self._actors[state.job_id] = JobActor.start(host=self, state=state, task=task,
+                                                    start=start)
+
+    def _append_direct(self, state: JobState, events: list) -> None:
+        """Append for a job that has no actor (called with the lock held)."""
+        if events:
+            recorded = self.store.append(state.job_id, events, state.version)
+            if state.job_id not in self._order:
+                self._order[state.job_id] = recorded[0].position
+            self.publish(fold(recorded, state), recorded)
+
+    # --- JobHost: called on actor threads ---
+
+    def publish(self, state: JobState, recorded: Sequence[RecordedEvent]) -> None:
+        job_id = state.job_id
+        self._states[job_id] = state
+        self._views[job_id] = view(state)
+        with self._changed:
+            for wanted, inbox in self._watchers:
+                if wanted is None or wanted == job_id:
+                    for item in recorded:
+                        inbox.put(item)
+            self._changed.notify_all()
+
+    def actor_stopped(self, job_id: str, state: JobState, error: BaseException | None) -> None:
+        with self._lock:
+            if self._actors.pop(job_id, None) is None:
+                return  # already reported
+            if error is not None and not self.closing:
+                if isinstance(error, FlowError):
+                    self._stalled[job_id] = str(error)
+                else:
+                    self._supervise(job_id, error)
+            self._schedule()
+        with self._changed:
+            self._changed.notify_all()
+
+    def _supervise(self, job_id: str, error: BaseException) -> None:
+        """Restart a crashed actor by replay (bounded); then fail the job."""
+        state = self._states[job_id]
+        if state.status is not JobStatus.RUNNING:
+            return
+        restarts = self._restarts.get(job_id, 0) + 1
+        self._restarts[job_id] = restarts
+        if restarts > MAX_RESTARTS:
+            log.error("job_restarts_exhausted", job_id=job_id, error=repr(error))
+            self._append_direct(state, decide(Fail(
+                reason="restarts_exhausted", error_type=type(error).__name__,
+                message=f"{error} (after {MAX_RESTARTS} restarts)"), state))
+            return
+        log.warning("job_restarted", job_id=job_id, restart=restarts, error=repr(error))
+        self._start_actor(state, Recover(attempt=state.attempts + 1, cause="restart"))
+
+    # --- the inbox: control requests from other processes ---
+
+    def _tail_inbox(self) -> None:
+        last_id = 0
+        while not self._inbox_stop.is_set():
+            try:
+                for request in self.store.pending_requests(after_id=last_id):
+                    last_id = max(last_id, request.id)
+                    self._answer(request)
+            except FlowError as exc:
+                if self.closing:
+                    return
+                log.error("inbox_failed", error=str(exc))
+            self._inbox_stop.wait(INBOX_POLL_SECONDS)
+
+    def _answer(self, request: Any) -> None:
+        try:
+            if request.command not in ("pause", "resume", "cancel"):
+                raise InvalidTransition(f"unknown command {request.command!r}")
+            self._control(request.job_id, request.command, "requested from another process")
+        except (FlowError, TimeoutError) as exc:
+            if self.closing:
+                return
+            self.store.answer(request.id, "rejected", str(exc))
+            log.info("request_rejected", job_id=request.job_id, command=request.command,
+                     reason=str(exc))
+        else:
+            self.store.answer(request.id, "applied", "")
+            log.info("request_applied", job_id=request.job_id, command=request.command)
+
+    # --- helpers ---
+
+    def _state(self, job_id: str) -> JobState:
+        try:
+            return self._states[job_id]
+        except KeyError:
+            raise JobNotFound(f"job {job_id!r} not found in {self.path}") from None
+
+    def _check_open(self) -> None:
+        if self.closing:
+            raise StoreUnavailable(f"the runtime on {self.path} is closed")
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            current = signal.getsignal(signum)
+            if current in (signal.default_int_handler, signal.SIG_DFL):
+                self._previous_handlers[signum] = current
+                signal.signal(signum, self._on_signal)
+
+    def _restore_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum, handler in self._previous_handlers.items():
+            if signal.getsignal(signum) == self._on_signal:
+                signal.signal(signum, handler)
+        self._previous_handlers.clear()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        log.info("runtime_signalled", signal=signal.Signals(signum).name)
+        self.close()
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)

@@ -1,0 +1,69 @@
+"""Tasks: the protocol, the built-in tasks, and how a job's spec finds its task's code.
+
+A task name is a built-in name, an entry point of the group `flowactors.tasks`, or
+`"module:attr"`, so a restarted process finds the same code from the spec alone.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+from typing import Any
+
+import msgspec
+
+from ..errors import SpecError
+from ..spec import JobSpec
+from .base import NoOptions, Task, TrainerState, Trajectory, failed_trajectory, group_advantages
+
+BUILTIN_TASKS = {
+    "simulated": "flowactors.tasks.simulated:SimulatedTask",
+    "toolchoice": "flowactors.tasks.toolchoice:ToolChoiceTask",
+}
+ENTRY_POINT_GROUP = "flowactors.tasks"
+
+__all__ = ["BUILTIN_TASKS", "NoOptions", "Task", "TrainerState", "Trajectory",
+           "failed_trajectory", "group_advantages", "load_task_class", "build_task"]
+
+
+def _import(target: str, name: str) -> Any:
+    module_name, _, attr = target.partition(":")
+    if not module_name or not attr:
+        raise SpecError(f"task {name!r}: expected a built-in name, an entry point of "
+                        f"{ENTRY_POINT_GROUP!r}, or 'module:attr'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise SpecError(f"task {name!r} cannot be loaded: {exc}") from None
+    return obj
+
+
+def load_task_class(name: str) -> type:
+    """Find a task class by built-in name, entry point name, or 'module:attr'."""
+    if name in BUILTIN_TASKS:
+        return _import(BUILTIN_TASKS[name], name)
+    for ep in entry_points(group=ENTRY_POINT_GROUP, name=name):
+        try:
+            return ep.load()
+        except Exception as exc:  # a broken plugin is the user's spec problem, said clearly
+            raise SpecError(f"task {name!r} (entry point {ep.value}) failed to load: "
+                            f"{type(exc).__name__}: {exc}") from None
+    if ":" in name:
+        return _import(name, name)
+    raise SpecError(f"unknown task {name!r} at $.task: not built in "
+                    f"({', '.join(sorted(BUILTIN_TASKS))}), not an entry point of "
+                    f"{ENTRY_POINT_GROUP!r}, not 'module:attr'")
+
+
+def build_task(spec: JobSpec) -> Task:
+    """Instantiate the spec's task with its options validated (SpecError naming the field)."""
+    cls = load_task_class(spec.task)
+    options_type = getattr(cls, "Options", NoOptions)
+    try:
+        options = msgspec.convert(spec.task_options, options_type)
+    except msgspec.ValidationError as exc:
+        raise SpecError(f"invalid task_options for task {spec.task!r}: "
+                        f"{str(exc).replace('at `$', 'at `$.task_options')}") from None
+    return cls(options)

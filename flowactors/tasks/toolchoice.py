@@ -1,0 +1,486 @@
+"""`toolchoice`: a real, small, CPU-only learning task — choose the tool that answers a query.
+
+The environment is real: each query is a short text ("what is 17 * 23", "capital of France?",
+"convert 12 km to miles", "reverse the word 'apple'"), and four little tools actually try to
+answer it — a calculator that parses arithmetic, a lookup table of facts, a unit converter and
+a text tool. A wrong tool gives no answer, or (the calculator, which falls back to the first
+number it sees) a wrong one. One more action, `answer`, submits the latest tool result and ends
+the trajectory. A trajectory is at most `max_steps` actions.
+
+The policy sees only the query's words (hashed bag of words, numbers folded into one token),
+never its id or its `kind`, so what it learns carries over to held-out queries: it is a linear
+softmax per context (no result yet / a result / the tool failed) over those features.
+
+Rewards are shaped: +0.1 the first time the expected tool is used (only the first, so calling
+it again pays nothing), -0.01 per step, +1 when the submitted answer matches
+`expected_outcome`. The update is GRPO: the discounted return (`GRPOConfig.gamma`) of each
+trajectory is normalised within its query's group (`group_advantages`), the policy gradient of
+the summed step log-probabilities is clipped to a global norm and applied with Adam
+(`GRPOConfig.learning_rate`). Plain Python on purpose: the core stays dependency-free and the
+state (lists of floats) encodes to the same bytes on every run.
+
+Determinism: the policy starts at zero (uniform), rollouts draw only from the `rng` they are
+given, and the update sums trajectories in the order it receives them (query, then index).
+Floating-point addition is not associative, so another order gives other bits — which is why
+the runtime must never combine results in completion order.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import threading
+import zlib
+from typing import Annotated, Any, ClassVar
+
+import msgspec
+
+from ..errors import SpecError
+from ..spec import GRPOConfig, JobSpec, TrainingQuery
+from .base import Trajectory, group_advantages
+
+__all__ = ["ACTIONS", "ANSWER", "CONTEXTS", "NO_RESULT", "RESULT", "START", "TOOLS", "AdamState",
+           "ToolChoiceOptions", "ToolChoicePolicy", "ToolChoiceState", "ToolChoiceTask",
+           "answer_matches", "make_training_data", "query_features", "run_tool"]
+
+TOOLS = ("calculator", "lookup", "converter", "text")
+ANSWER = len(TOOLS)
+ACTIONS = (*TOOLS, "answer")
+
+# Contexts the policy conditions on, besides the query: what the last tool call gave.
+START, RESULT, NO_RESULT = 0, 1, 2
+CONTEXTS = 3
+
+CORRECT_TOOL_BONUS = 0.1
+STEP_PENALTY = 0.01
+OUTCOME_REWARD = 1.0
+
+ADAM_BETA1 = 0.9
+ADAM_BETA2 = 0.999
+ADAM_EPS = 1e-8
+
+
+class ToolChoiceOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Options of the `toolchoice` task (`JobSpec.task_options`)."""
+
+    tokens_per_step: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 50
+    """Tokens one step is billed as (a prompt plus a tool call)."""
+    usd_per_1k_tokens: Annotated[float, msgspec.Meta(ge=0.0, le=1000.0)] = 0.0001
+    """Price of 1000 tokens: small but nonzero, so a budget can be demonstrated."""
+    temperature: Annotated[float, msgspec.Meta(gt=0.0, le=100.0)] = 1.0
+    """Sampling temperature of rollouts (evaluation is always greedy)."""
+    feature_buckets: Annotated[int, msgspec.Meta(ge=8, le=4096)] = 256
+    """Size of the hashed bag-of-words feature space."""
+    max_grad_norm: Annotated[float, msgspec.Meta(gt=0.0)] = 1.0
+    """Global gradient norm above which the gradient is scaled down before Adam."""
+
+
+class ToolChoicePolicy(msgspec.Struct, frozen=True, kw_only=True):
+    """Linear softmax policy: `weights[((context * len(ACTIONS)) + action) * buckets + f]`.
+
+    `max_steps` is kept here so that `evaluate` (which gets no config) plays the same horizon
+    as training.
+    """
+
+    weights: list[float]
+    buckets: int
+    max_steps: int
+
+
+class AdamState(msgspec.Struct, frozen=True, kw_only=True):
+    """Adam moments and step count: part of the checkpoint, so a resume continues exactly."""
+
+    step: int
+    m: list[float]
+    v: list[float]
+
+
+class ToolChoiceState(msgspec.Struct, frozen=True, kw_only=True):
+    """The trainer state. `rng` is None: update and evaluate need no randomness of their own."""
+
+    policy: ToolChoicePolicy
+    optimizer: AdamState
+    rng: None = None
+
+
+# --- The environment: tools that really try to answer the query text -------------------------
+
+_NUMBER = r"\d+(?:\.\d+)?"
+_ARITHMETIC = re.compile(rf"({_NUMBER})\s*(\+|-|\*|/|plus|minus|times)\s*({_NUMBER})")
+_CONVERSION = re.compile(rf"({_NUMBER})\s*([a-z]+)\s+(?:in|to|into)\s+([a-z]+)")
+_QUOTED = re.compile(r"'([^']*)'")
+
+_COUNTRIES = {
+    # country: (capital, currency)
+    "france": ("paris", "euro"), "japan": ("tokyo", "yen"), "brazil": ("brasilia", "real"),
+    "canada": ("ottawa", "dollar"), "india": ("new delhi", "rupee"), "kenya": ("nairobi",
+    "shilling"), "mexico": ("mexico city", "peso"), "egypt": ("cairo", "pound"),
+    "norway": ("oslo", "krone"), "peru": ("lima", "sol"), "poland": ("warsaw", "zloty"),
+    "china": ("beijing", "yuan"), "russia": ("moscow", "ruble"), "thailand": ("bangkok",
+    "baht"), "vietnam": ("hanoi", "dong"), "sweden": ("stockholm", "krona"),
+}
+FACTS: dict[tuple[str, str], str] = {
+    (relation, country): value
+    for country, values in _COUNTRIES.items()
+    for relation, value in zip(("capital", "currency"), values)}
+
+_UNIT_ALIASES = {"km": "km", "kilometers": "km", "mile": "miles", "miles": "miles",
+                 "kg": "kg", "kilograms": "kg", "lb": "lb", "pounds": "lb",
+                 "m": "m", "meters": "m", "ft": "ft", "feet": "ft",
+                 "celsius": "celsius", "fahrenheit": "fahrenheit"}
+_CONVERSIONS = {
+    ("km", "miles"): lambda x: x * 0.621371, ("miles", "km"): lambda x: x / 0.621371,
+    ("kg", "lb"): lambda x: x * 2.20462, ("lb", "kg"): lambda x: x / 2.20462,
+    ("m", "ft"): lambda x: x * 3.28084, ("ft", "m"): lambda x: x / 3.28084,
+    ("celsius", "fahrenheit"): lambda x: x * 9 / 5 + 32,
+    ("fahrenheit", "celsius"): lambda x: (x - 32) * 5 / 9,
+}
+
+
+def _format_number(value: float) -> str:
+    if value == int(value):
+        return str(int(value))
+    return f"{value:.2f}"
+
+
+def _calculator(text: str) -> str | None:
+    """Evaluate `a op b`; else fall back to the first number (a plausible but wrong answer)."""
+    match = _ARITHMETIC.search(text)
+    if match:
+        a, op, b = float(match.group(1)), match.group(2), float(match.group(3))
+        if op in ("+", "plus"):
+            return _format_number(a + b)
+        if op in ("-", "minus"):
+            return _format_number(a - b)
+        if op in ("*", "times"):
+            return _format_number(a * b)
+        return _format_number(a / b) if b else None
+    number = re.search(_NUMBER, text)
+    return _format_number(float(number.group(0))) if number else None
+
+
+def _lookup(text: str) -> str | None:
+    relation = ("capital" if "capital" in text else
+                "currency" if "currency" in text or "money" in text else None)
+    if relation is None:
+        return None
+    for country in _COUNTRIES:
+        if re.search(rf"\b{country}\b", text):
+            return FACTS[relation, country]
+    return None
+
+
+def _converter(text: str) -> str | None:
+    match = _CONVERSION.search(text)
+    if not match:
+        return None
+    source = _UNIT_ALIASES.get(match.group(2))
+    target = _UNIT_ALIASES.get(match.group(3))
+    convert = _CONVERSIONS.get((source, target)) if source and target else None
+    return f"{convert(float(match.group(1))):.2f}" if convert else None
+
+
+def _text_tool(text: str) -> str | None:
+    match = _QUOTED.search(text)
+    if not match:
+        return None
+    word = match.group(1)
+    if "reverse" in text or "backwards" in text:
+        return word[::-1]
+    if "uppercase" in text or "capitals" in text:
+        return word.upper()
+    if "letters" in text or "length" in text:
+        return str(len(word))
+    return None
+
+
+_TOOL_FUNCTIONS = {"calculator": _calculator, "lookup": _lookup, "converter": _converter,
+                   "text": _text_tool}
+
+
+def run_tool(tool: str, query: str) -> str | None:
+    """Run one tool on a query's text: its answer, or None when it cannot answer."""
+    return _TOOL_FUNCTIONS[tool](query.lower())
+
+
+def answer_matches(answer: str | None, expected: dict[str, Any], tool: str | None) -> bool:
+    """Whether an answer (given by `tool`) satisfies an expected outcome.
+
+    The answer must equal `expected["answer"]` (numbers compare as numbers, text ignoring case
+    and surrounding space) when given, and come from `expected["tool"]` when given. An outcome
+    that names neither cannot be checked, so nothing satisfies it.
+    """
+    if answer is None or ("answer" not in expected and "tool" not in expected):
+        return False
+    if "tool" in expected and expected["tool"] != tool:
+        return False
+    if "answer" not in expected:
+        return True
+    want, got = str(expected["answer"]).strip().lower(), answer.strip().lower()
+    try:
+        return math.isclose(float(want), float(got), rel_tol=1e-9, abs_tol=1e-9)
+    except ValueError:
+        return want == got
+
+
+# --- Features and the policy -----------------------------------------------------------------
+
+_TOKEN = re.compile(rf"{_NUMBER}|[a-z]+|[^\sa-z\d]")
+
+
+def query_features(query: str, buckets: int) -> list[int]:
+    """Sorted distinct feature indices of a query: hashed words, `<num>`, and a bias.
+
+    crc32, not `hash`, so features are the same in every process.
+    """
+    tokens = {"<num>" if t[0].isdigit() else t for t in _TOKEN.findall(query.lower())}
+    tokens.add("<bias>")
+    return sorted({zlib.crc32(t.encode()) % buckets for t in tokens})
+
+
+def _probabilities(policy: ToolChoicePolicy, context: int, features: list[int],
+                   temperature: float) -> list[float]:
+    weights, buckets = policy.weights, policy.buckets
+    logits = []
+    for action in range(len(ACTIONS)):
+        base = (context * len(ACTIONS) + action) * buckets
+        logits.append(sum(weights[base + f] for f in features) / temperature)
+    top = max(logits)
+    exps = [math.exp(z - top) for z in logits]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+def _greedy(probabilities: list[float]) -> int:
+    """Argmax, ties to the lowest index: deterministic."""
+    return max(range(len(probabilities)), key=lambda a: (probabilities[a], -a))
+
+
+def _sample(probabilities: list[float], rng: random.Random) -> int:
+    u = rng.random()
+    cumulative = 0.0
+    for action, p in enumerate(probabilities):
+        cumulative += p
+        if u < cumulative:
+            return action
+    return len(probabilities) - 1
+
+
+def _expected_tool(query: TrainingQuery) -> str | None:
+    tool = query.expected_outcome.get("tool")
+    return tool if isinstance(tool, str) else None
+
+
+# --- Training data -----------------------------------------------------------------------------
+
+_WORDS = ("apple", "river", "planet", "garden", "silver", "rocket", "window", "forest",
+          "puzzle", "candle", "tiger", "orange", "bridge", "marble", "shadow", "violin")
+
+
+def make_training_data(n: int, seed: int) -> list[TrainingQuery]:
+    """`n` typed queries with expected outcomes, deterministic from `seed`.
+
+    Kinds come round-robin (arithmetic, lookup, conversion, text), each phrased by one of a few
+    templates. Templates share words across kinds ("what is", "in", "of") so the policy must
+    learn which words matter, and within a kind they share a marker ("capital", "currency",
+    "the word", numbers with units), so a phrasing missing from a small training split is
+    still recognisable. Answers are computed here, independently of the tools.
+    """
+    rng = random.Random(seed)
+    kinds = ("arithmetic", "lookup", "conversion", "text")
+    queries = []
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        if kind == "arithmetic":
+            a, b = rng.randint(2, 99), rng.randint(2, 99)
+            op, symbol = rng.choice([("+", "+"), ("-", "-"), ("*", "*"), ("+", "plus"),
+                                     ("-", "minus"), ("*", "times")])
+            value = a + b if op == "+" else a - b if op == "-" else a * b
+            template = rng.choice(["what is {a} {op} {b}", "compute {a} {op} {b}",
+                                   "calculate {a} {op} {b}"])
+            text, tool, answer = template.format(a=a, op=symbol, b=b), "calculator", str(value)
+        elif kind == "lookup":
+            country = rng.choice(sorted(_COUNTRIES))
+            capital, currency = _COUNTRIES[country]
+            template, answer = rng.choice([
+                ("what is the capital of {c}", capital), ("capital of {c}?", capital),
+                ("what is the currency of {c}", currency),
+                ("which currency is used in {c}", currency)])
+            text, tool = template.format(c=country.title()), "lookup"
+        elif kind == "conversion":
+            (source, target), convert = rng.choice(sorted(_CONVERSIONS.items(),
+                                                          key=lambda kv: kv[0]))
+            x = rng.randint(1, 200)
+            template = rng.choice(["convert {x} {s} to {t}", "{x} {s} in {t}",
+                                   "what is {x} {s} in {t}"])
+            text = template.format(x=x, s=source, t=target)
+            tool, answer = "converter", f"{convert(float(x)):.2f}"
+        else:
+            word = rng.choice(_WORDS)
+            template, answer = rng.choice([
+                ("reverse the word '{w}'", word[::-1]),
+                ("uppercase the word '{w}'", word.upper()),
+                ("how many letters are in the word '{w}'", str(len(word)))])
+            text, tool = template.format(w=word), "text"
+        queries.append(TrainingQuery(query=text, kind=kind,
+                                     expected_outcome={"tool": tool, "answer": answer}))
+    return queries
+
+
+# --- The task ----------------------------------------------------------------------------------
+
+class ToolChoiceTask:
+    """Learn which tool answers which query, from the query's words, by GRPO."""
+
+    Options: ClassVar[type[msgspec.Struct]] = ToolChoiceOptions
+    state_type: ClassVar[type] = ToolChoiceState
+
+    def __init__(self, options: ToolChoiceOptions) -> None:
+        self.options = options
+
+    def init(self, spec: JobSpec) -> ToolChoiceState:
+        """A uniform policy (zero weights) and fresh Adam moments.
+
+        Raises:
+            SpecError: an expected outcome names a tool this task does not have.
+        """
+        for i, query in enumerate(spec.training_data):
+            tool = query.expected_outcome.get("tool")
+            if tool is not None and tool not in TOOLS:
+                raise SpecError(f"unknown tool {tool!r} at $.training_data[{i}]"
+                                f".expected_outcome.tool: expected one of {', '.join(TOOLS)}")
+        size = CONTEXTS * len(ACTIONS) * self.options.feature_buckets
+        policy = ToolChoicePolicy(weights=[0.0] * size, buckets=self.options.feature_buckets,
+                                  max_steps=spec.config.max_steps_per_trajectory)
+        return ToolChoiceState(policy=policy,
+                               optimizer=AdamState(step=0, m=[0.0] * size, v=[0.0] * size))
+
+    def rollout(self, state: ToolChoiceState, query: TrainingQuery, *, rng: random.Random,
+                max_steps: int, cancelled: threading.Event) -> Trajectory:
+        """Sample actions until `answer` or `max_steps`; rewards as in the module docstring.
+
+        `data` keeps what the update needs (features, contexts, actions, step rewards) as
+        plain builtins.
+
+        Raises:
+            InterruptedError: `cancelled` was set before a step.
+        """
+        policy = state.policy
+        features = query_features(query.query, policy.buckets)
+        expected_tool = _expected_tool(query)
+        context, observation, last_tool = START, None, None
+        contexts: list[int] = []
+        actions: list[int] = []
+        rewards: list[float] = []
+        bonus_paid = success = False
+        for _ in range(max_steps):
+            if cancelled.is_set():
+                raise InterruptedError("rollout cancelled")
+            action = _sample(_probabilities(policy, context, features,
+                                            self.options.temperature), rng)
+            contexts.append(context)
+            actions.append(action)
+            reward = -STEP_PENALTY
+            if action == ANSWER:
+                success = answer_matches(observation, query.expected_outcome, last_tool)
+                rewards.append(reward + (OUTCOME_REWARD if success else 0.0))
+                break
+            tool = TOOLS[action]
+            if tool == expected_tool and not bonus_paid:
+                reward += CORRECT_TOOL_BONUS
+                bonus_paid = True
+            observation, last_tool = run_tool(tool, query.query), tool
+            context = RESULT if observation is not None else NO_RESULT
+            rewards.append(reward)
+        steps = len(actions)
+        tokens = steps * self.options.tokens_per_step
+        return Trajectory(
+            reward=sum(rewards), success=success, steps=steps, tokens=tokens,
+            cost_usd=tokens / 1000.0 * self.options.usd_per_1k_tokens,
+            data={"features": features, "contexts": contexts, "actions": actions,
+                  "rewards": rewards})
+
+    def update(self, state: ToolChoiceState, groups: list[list[Trajectory]],
+               config: GRPOConfig) -> tuple[ToolChoiceState, dict[str, float]]:
+        """One GRPO step: group-normalised discounted returns, clipped gradient, Adam.
+
+        The loss is the policy-gradient surrogate -mean(advantage * sum log pi(a|s)) over the
+        trajectories that did not fail; a batch with none leaves the state unchanged.
+        """
+        policy = state.policy
+        temperature = self.options.temperature
+        n_actions, buckets = len(ACTIONS), policy.buckets
+        grad = [0.0] * len(policy.weights)
+        learners = [t for g in groups for t in g if not t.failed]
+        if not learners:
+            return state, {"loss": 0.0, "grad_norm": 0.0, "success_rate": 0.0, "entropy": 0.0}
+        scale = 1.0 / len(learners)
+        loss = entropy = 0.0
+        n_steps = 0
+        for group in groups:
+            # GRPO ranks discounted returns; `reward` stays the plain sum, what users read.
+            scored = [t if t.failed else msgspec.structs.replace(
+                t, reward=sum(r * config.gamma ** k for k, r in enumerate(t.data["rewards"])))
+                for t in group]
+            for trajectory, advantage in zip(group, group_advantages(scored)):
+                if trajectory.failed:
+                    continue
+                data = trajectory.data
+                features = data["features"]
+                for context, action in zip(data["contexts"], data["actions"]):
+                    probabilities = _probabilities(policy, context, features, temperature)
+                    loss -= scale * advantage * math.log(max(probabilities[action], 1e-300))
+                    entropy -= sum(p * math.log(p) for p in probabilities if p > 0.0)
+                    n_steps += 1
+                    if advantage == 0.0:
+                        continue
+                    for b, p in enumerate(probabilities):
+                        # d(-A log pi(a))/d logit_b = -A (1[b=a] - p_b) / T
+                        coefficient = -scale * advantage * ((b == action) - p) / temperature
+                        base = (context * n_actions + b) * buckets
+                        for f in features:
+                            grad[base + f] += coefficient
+        grad_norm = math.sqrt(sum(g * g for g in grad))
+        if grad_norm > self.options.max_grad_norm:
+            clip = self.options.max_grad_norm / grad_norm
+            grad = [g * clip for g in grad]
+        optimizer = state.optimizer
+        step = optimizer.step + 1
+        lr = config.learning_rate
+        correction1 = 1.0 - ADAM_BETA1 ** step
+        correction2 = 1.0 - ADAM_BETA2 ** step
+        weights, m, v = [], [], []
+        for w, g, m_i, v_i in zip(policy.weights, grad, optimizer.m, optimizer.v):
+            m_i = ADAM_BETA1 * m_i + (1.0 - ADAM_BETA1) * g
+            v_i = ADAM_BETA2 * v_i + (1.0 - ADAM_BETA2) * g * g
+            weights.append(w - lr * (m_i / correction1) / (math.sqrt(v_i / correction2)
+                                                           + ADAM_EPS))
+            m.append(m_i)
+            v.append(v_i)
+        new_state = ToolChoiceState(
+            policy=msgspec.structs.replace(policy, weights=weights),
+            optimizer=AdamState(step=step, m=m, v=v))
+        metrics = {"loss": loss, "grad_norm": grad_norm,
+                   "success_rate": sum(t.success for t in learners) / len(learners),
+                   "entropy": entropy / max(1, n_steps)}
+        return new_state, metrics
+
+    def evaluate(self, state: ToolChoiceState, queries: list[TrainingQuery]) -> float:
+        """Success rate of the greedy (argmax) policy on `queries`: deterministic."""
+        if not queries:
+            return 0.0
+        policy = state.policy
+        successes = 0
+        for query in queries:
+            features = query_features(query.query, policy.buckets)
+            context, observation, last_tool = START, None, None
+            for _ in range(policy.max_steps):
+                action = _greedy(_probabilities(policy, context, features, 1.0))
+                if action == ANSWER:
+                    successes += answer_matches(observation, query.expected_outcome, last_tool)
+                    break
+                last_tool = TOOLS[action]
+                observation = run_tool(last_tool, query.query)
+                context = RESULT if observation is not None else NO_RESULT
+        return successes / len(queries)
