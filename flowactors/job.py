@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from datetime import datetime, timezone
-from typing import Literal, assert_never
+from typing import Any, Literal, assert_never
 
 import msgspec
 from msgspec.structs import replace
@@ -102,14 +102,13 @@ def initial_state(job_id: str) -> JobState:
 
 def evolve(state: JobState, recorded: RecordedEvent) -> JobState:
     """Apply one recorded event. Never rejects a known event: the log is the truth."""
-    state = replace(state, version=recorded.version, position=recorded.position)
-    at = recorded.recorded_at
-    event = recorded.event
+    changes = _changes(state, recorded.event, recorded.recorded_at)
+    return replace(state, version=recorded.version, position=recorded.position, **changes)
+
+
+def _changes(state: JobState, event: JobEvent, at: datetime) -> dict[str, Any]:
+    """The fields an event changes (the most frequent event first: this is replay's hot path)."""
     match event:
-        case JobSubmitted(spec=spec):
-            return replace(state, spec=spec, status=JobStatus.QUEUED, created_at=at)
-        case JobStarted():
-            return replace(state, status=JobStatus.RUNNING, started_at=state.started_at or at)
         case IterationCompleted():
             metrics = {
                 **event.metrics,
@@ -118,13 +117,13 @@ def evolve(state: JobState, recorded: RecordedEvent) -> JobState:
                 "std_reward": event.std_reward,
                 "success_rate": event.success_rate,
             }
-            return replace(
-                state,
-                iteration=event.iteration,
-                metrics=metrics,
-                tokens=state.tokens + event.tokens,
-                cost_usd=state.cost_usd + event.cost_usd,
-            )
+            return {"iteration": event.iteration, "metrics": metrics,
+                    "tokens": state.tokens + event.tokens,
+                    "cost_usd": state.cost_usd + event.cost_usd}
+        case JobSubmitted(spec=spec):
+            return {"spec": spec, "status": JobStatus.QUEUED, "created_at": at}
+        case JobStarted():
+            return {"status": JobStatus.RUNNING, "started_at": state.started_at or at}
         case CheckpointSaved():
             info = CheckpointInfo(
                 iteration=event.iteration,
@@ -137,65 +136,50 @@ def evolve(state: JobState, recorded: RecordedEvent) -> JobState:
                 rng_digest=event.rng_digest,
             )
             record = CheckpointRecord(info=info, thresholds=state.thresholds)
-            return replace(
-                state,
-                checkpoints=(*state.checkpoints, record),
-                resume_point=ResumePoint(iteration=event.iteration, state_ref=event.state_ref),
-            )
+            return {"checkpoints": (*state.checkpoints, record),
+                    "resume_point": ResumePoint(iteration=event.iteration,
+                                                state_ref=event.state_ref)}
         case CheckpointsPruned(iterations=iterations):
             pruned = set(iterations)
-            checkpoints = tuple(
+            return {"checkpoints": tuple(
                 replace(c, info=replace(c.info, pruned=True)) if c.info.iteration in pruned else c
-                for c in state.checkpoints
-            )
-            return replace(state, checkpoints=checkpoints)
+                for c in state.checkpoints)}
         case BudgetThresholdReached(fraction=fraction):
-            return replace(state, thresholds=(*state.thresholds, fraction))
+            return {"thresholds": (*state.thresholds, fraction)}
         case JobPaused(iteration=iteration, state_ref=state_ref):
             resume_point = state.resume_point
             if state_ref is not None:
                 resume_point = ResumePoint(iteration=iteration, state_ref=state_ref)
-            return replace(state, status=JobStatus.PAUSED, resume_point=resume_point)
+            return {"status": JobStatus.PAUSED, "resume_point": resume_point}
         case JobResumed():
-            return replace(state, status=JobStatus.QUEUED)
+            return {"status": JobStatus.QUEUED}
         case JobCancelled():
-            return replace(state, status=JobStatus.CANCELLED, finished_at=at)
+            return {"status": JobStatus.CANCELLED, "finished_at": at}
         case JobCompleted():
-            return replace(
-                state,
-                status=JobStatus.COMPLETED,
-                finished_at=at,
-                iteration=event.iteration,
-                final_state_ref=event.final_state_ref,
-                final_state_digest=event.final_state_digest,
-                validation_score=event.validation_score,
-            )
+            return {"status": JobStatus.COMPLETED, "finished_at": at,
+                    "iteration": event.iteration, "final_state_ref": event.final_state_ref,
+                    "final_state_digest": event.final_state_digest,
+                    "validation_score": event.validation_score}
         case JobFailed():
             error = JobError(type=event.error_type, message=event.message, reason=event.reason)
-            return replace(state, status=JobStatus.FAILED, finished_at=at, error=error)
+            return {"status": JobStatus.FAILED, "finished_at": at, "error": error}
         case JobRecovered(from_checkpoint=from_checkpoint, attempt=attempt):
-            return _rewind(replace(state, attempts=attempt), from_checkpoint)
+            return {"attempts": attempt, **_rewind(state, from_checkpoint)}
         case _:
             assert_never(event)
 
 
-def _rewind(state: JobState, iteration: int | None) -> JobState:
+def _rewind(state: JobState, iteration: int | None) -> dict[str, Any]:
     """Forget what iterations after `iteration` derived; cost stays counted."""
-    if iteration is None:
-        return replace(state, iteration=0, metrics={}, thresholds=(), checkpoints=(),
-                       resume_point=None)
-    kept = tuple(c for c in state.checkpoints if c.info.iteration <= iteration)
-    if not kept or kept[-1].info.iteration != iteration:  # a log this code did not write
-        return _rewind(state, None)
+    kept = tuple(c for c in state.checkpoints if iteration is not None
+                 and c.info.iteration <= iteration)
+    if iteration is None or not kept or kept[-1].info.iteration != iteration:
+        return {"iteration": 0, "metrics": {}, "thresholds": (), "checkpoints": (),
+                "resume_point": None}
     target = kept[-1]
-    return replace(
-        state,
-        iteration=iteration,
-        metrics=target.info.metrics,
-        thresholds=target.thresholds,
-        checkpoints=kept,
-        resume_point=ResumePoint(iteration=iteration, state_ref=target.info.state_ref),
-    )
+    return {"iteration": iteration, "metrics": target.info.metrics,
+            "thresholds": target.thresholds, "checkpoints": kept,
+            "resume_point": ResumePoint(iteration=iteration, state_ref=target.info.state_ref)}
 
 
 def fold(events: Iterable[RecordedEvent], state: JobState | None = None) -> JobState:

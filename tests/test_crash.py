@@ -81,3 +81,48 @@ def test_sigkill_at_any_moment_resumes_to_identical_final_states(tmp_path, refer
         recovered = [r for r in store.read_all() if isinstance(r.event, JobRecovered)]
     assert report.ok, report
     assert recovered, "the restart must have recovered at least one running job"
+
+
+SIGNAL_CHILD = """
+import sys, flowactors as fa
+spec = fa.JobSpec(agent_id="a", training_data=[fa.TrainingQuery(query="q")], task="simulated",
+                  config=fa.GRPOConfig(n_iterations=100000, checkpoint_interval=5),
+                  task_options={"rollout_seconds": 0.002})
+with fa.Runtime(sys.argv[1]) as rt:
+    rt.submit(spec, job_id="job")
+    print("submitted", flush=True)
+    rt.wait("job", timeout=600)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_close_cleanly_without_writing_job_events(tmp_path, signum):
+    """A signal closes the runtime: the process exits promptly, the running job stays running
+    in the log (no job event written by the close), and a reopen resumes it."""
+    db = tmp_path / "flow.db"
+    child = subprocess.Popen([sys.executable, "-c", SIGNAL_CHILD, str(db)],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    for line in child.stdout:  # log lines may come first
+        if line.strip() == b"submitted":
+            break
+
+    def iterations() -> int:
+        with EventStore(db, mode="readonly") as store:
+            return sum(r.type == "job.iteration_completed" for r in store.read_stream("job"))
+
+    wait_until(lambda: iterations() >= 3, timeout=30, message="a few iterations")
+    child.send_signal(signum)
+    assert child.wait(timeout=10) != 0
+    assert b"Traceback" not in child.stderr.read() or signum == signal.SIGINT
+    with EventStore(db, mode="readonly") as store:
+        last = list(store.read_stream("job"))[-1]
+        assert store.verify().ok
+    assert last.type in ("job.iteration_completed", "job.checkpoint_saved",
+                         "job.checkpoints_pruned")
+    import flowactors as fa
+
+    with fa.Runtime(db, synchronous="off", handle_signals=False) as rt:
+        assert rt.status("job").status is fa.JobStatus.RUNNING
+        wait_until(lambda: rt.status("job").attempts == 1, timeout=10, message="recovery")
+        rt.cancel("job")
