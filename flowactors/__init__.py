@@ -1,12 +1,14 @@
 """flowactors: an embedded, event-sourced actor runtime for long-running RL training jobs."""
 
 from .errors import (
+    BlobNotFound,
     CheckpointNotFound,
     ConcurrencyConflict,
     FlowError,
     InvalidTransition,
     JobNotFound,
     LogCorrupted,
+    LogNotFound,
     SpecError,
     StoreLocked,
     StoreUnavailable,
@@ -18,6 +20,7 @@ from .tasks import Task, TrainerState, Trajectory
 from .views import CheckpointInfo, JobStatus, JobView
 
 __all__ = [
+    "BlobNotFound",
     "CheckpointInfo",
     "CheckpointNotFound",
     "ConcurrencyConflict",
@@ -29,6 +32,7 @@ __all__ = [
     "JobStatus",
     "JobView",
     "LogCorrupted",
+    "LogNotFound",
     "RecordedEvent",
     "Runtime",
     "SpecError",

@@ -160,7 +160,10 @@ def event_tag(cls: type[Event]) -> str:
 
 
 class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True):
-    """An event as the log stored it: the envelope the store stamped, and the event."""
+    """An event as the log stored it: the envelope the store stamped, and the event.
+
+    `hash` is the row's link in the log's hash chain (hex), when it came from a log.
+    """
 
     position: int
     stream: str
@@ -169,3 +172,4 @@ class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True):
     schema_version: int
     recorded_at: datetime
     event: JobEvent
+    hash: str = ""
