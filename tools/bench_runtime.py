@@ -28,7 +28,9 @@ from flowactors.events import (
     JobStarted,
     JobSubmitted,
 )
+from flowactors import codec
 from flowactors.store import EventStore
+from flowactors.tasks.simulated import SimulatedOptions, SimulatedTask
 
 QUERIES = [fa.TrainingQuery(query=f"bench query {i}") for i in range(8)]
 
@@ -85,14 +87,12 @@ def bench_throughput(directory: Path, synchronous: str, n_jobs: int,
 
 def build_big_log(path: Path, n_jobs: int, events_per_job: int) -> int:
     """A log of unfinished (running) jobs, written straight through the store."""
-    blob = b"\x00" * 2048
     total = 0
     with EventStore(path, mode="owner", synchronous="off") as store:
-        from flowactors import codec
-
-        ref = codec.digest(blob)
         for j in range(n_jobs):
             job_spec = spec(j, 10 * events_per_job)
+            blob = codec.encode(SimulatedTask(SimulatedOptions()).init(job_spec))
+            ref = codec.digest(blob)
             events: list = [JobSubmitted(spec=job_spec), JobStarted()]
             for i in range(1, events_per_job - 2):
                 events.append(IterationCompleted(iteration=i, avg_reward=0.5, std_reward=0.1,
@@ -119,10 +119,13 @@ def bench_recovery(directory: Path, synchronous: str, n_jobs: int,
     opened = time.perf_counter() - started
     try:
         deadline = time.monotonic() + 300
-        while sum(v.attempts >= 1 for v in rt.jobs()) < n_jobs and time.monotonic() < deadline:
+        def resumed_jobs() -> int:  # recovered, and running again (not failed)
+            return sum(v.attempts >= 1 and v.status is fa.JobStatus.RUNNING for v in rt.jobs())
+
+        while resumed_jobs() < n_jobs and time.monotonic() < deadline:
             time.sleep(0.005)
         resumed = time.perf_counter() - started
-        recovered = sum(v.attempts >= 1 for v in rt.jobs())
+        recovered = resumed_jobs()
     finally:
         rt.close()
     with EventStore(path, mode="readonly") as store:
