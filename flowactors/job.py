@@ -200,7 +200,9 @@ def state_digest(state: JobState) -> Digest:
     other field is a pure function of the events, so this digest pins `evolve` itself.
     """
     canonical = replace(state, created_at=None, started_at=None, finished_at=None, position=0)
-    return hashlib.sha256(msgspec.msgpack.encode(canonical)).hexdigest()
+    # Sorted dict keys: a dict's value, not the order its keys were inserted in (an upcast
+    # event may build the same metrics in another order), decides the digest.
+    return hashlib.sha256(msgspec.msgpack.encode(canonical, order="deterministic")).hexdigest()
 
 
 # --- commands ----------------------------------------------------------------------------------
@@ -321,10 +323,12 @@ def _require(state: JobState, command: Command, *allowed: JobStatus) -> None:
 
 
 def _apply_pending(state: JobState, events: list[Event]) -> JobState:
-    """Fold not-yet-recorded events (envelope fields are placeholders: digests ignore them)."""
+    """Fold not-yet-recorded events (envelope fields are placeholders: digests ignore them,
+    except the version, which is the one each event will be recorded with)."""
+    start = state.version
     for offset, event in enumerate(events, start=1):
         state = evolve(state, RecordedEvent(
-            position=0, stream=state.job_id, version=state.version + offset,
+            position=0, stream=state.job_id, version=start + offset,
             type=event_tag(type(event)), schema_version=type(event).schema_version,
             recorded_at=_EPOCH, event=event))  # type: ignore[arg-type]
     return state

@@ -78,7 +78,6 @@ _MODES = ("owner", "readonly", "requester")
 _SYNCHRONOUS = ("full", "normal", "off")
 _COMMANDS = ("pause", "resume", "cancel")
 _OUTCOMES = ("applied", "rejected")
-_SQLITE_MAGIC = b"SQLite format 3\x00"
 _BUSY_TIMEOUT_MS = 10_000
 _READ_CHUNK = 2_000  # positions per query when streaming the log
 _FETCH_ROWS = 256  # rows per fetch within such a query
@@ -287,31 +286,41 @@ def _insert_rows(conn: sqlite3.Connection, params: list[Any]) -> None:
 
 
 def _check_header(path: str) -> bool:
-    """Check the file's 100-byte SQLite header without letting SQLite touch the file.
+    """Check that the file is a flowactors log of a format this code reads.
 
-    Returns False when the file is missing or empty (an owner may create it), True for a
-    flowactors log of a format this code reads.
+    The header is read through SQLite (a read-only connection), never with Python's `open()`:
+    closing any descriptor of a file drops every POSIX lock the process holds on it, including
+    the locks of SQLite connections still open on it in this process, which would let another
+    process checkpoint the WAL under them. SQLite's own file layer defers such closes.
+
+    Returns False when the file is missing or empty (an owner may create it).
 
     Raises:
         LogCorrupted: anything else (not SQLite, another application's database, newer format).
     """
     try:
-        with open(path, "rb") as f:
-            header = f.read(100)
+        if os.stat(path).st_size == 0:
+            return False
     except FileNotFoundError:
         return False
     except OSError as exc:
         raise LogCorrupted(f"{path}: cannot read the file: {exc}") from None
-    if not header:
-        return False
-    if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
-        raise LogCorrupted(f"{path} is not a flowactors log (not a SQLite database)")
-    application_id = int.from_bytes(header[68:72], "big")
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True)
+        try:
+            application_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise LogCorrupted(f"{path} is not a flowactors log (not a SQLite database: {exc})"
+                           ) from None
     if application_id != APPLICATION_ID:
         raise LogCorrupted(
             f"{path} is not a flowactors log (a SQLite database with application_id "
             f"{application_id:#x}, a flowactors log has {APPLICATION_ID:#x})")
-    _check_format_version(path, int.from_bytes(header[60:64], "big", signed=True))
+    _check_format_version(path, version)
     return True
 
 
@@ -1304,8 +1313,9 @@ class _Verifier:
             if lines != ["ok"]:
                 return self.report(f"SQLite integrity_check: {'; '.join(lines[:5])}")
         except sqlite3.DatabaseError as exc:
+            at = self.events_checked + 1  # the event being read, unless all were read already
             return self.report(f"SQLite error reading {self.path}: {exc}",
-                               self.events_checked + 1)
+                               at if at <= self.head_position else None)
         return self.report()
 
     def check_events(self) -> VerifyReport | int | None:

@@ -904,3 +904,21 @@ def test_a_threads_read_connection_goes_with_the_thread(store: EventStore) -> No
         t.join(WAIT)
     assert results == [1] * 20
     assert len(store._readers) == 0
+
+
+def test_opening_a_store_keeps_the_locks_of_connections_already_open(tmp_path):
+    """Opening (and closing) another store on a log must not drop this process's SQLite locks
+    on it — closing any descriptor of a file drops them all — so while a store is open here,
+    another process cannot take the exclusive lock that switching the journal mode needs."""
+    path = tmp_path / "flow.db"
+    switch = ("import sqlite3, sys\n"
+              "c = sqlite3.connect(sys.argv[1], timeout=0)\n"
+              "print(c.execute('PRAGMA journal_mode=DELETE').fetchone()[0])\n")
+    with EventStore(path, mode="owner", synchronous="off") as owner:
+        owner.append("s", [JobStarted()], 0)
+        with EventStore(path, mode="readonly") as reader:
+            assert len(list(reader.read_all())) == 1
+            EventStore(path, mode="readonly").close()  # reads the header again, in this process
+            result = subprocess.run([sys.executable, "-c", switch, str(path)],
+                                    capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0 and "locked" in result.stderr, result.stdout
