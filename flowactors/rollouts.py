@@ -42,8 +42,8 @@ class RolloutPool:
 
     def submit(self, fn: Callable[[], None]) -> None:
         with self._lock:
-            if self._closed:
-                raise RuntimeError("rollout pool is closed")
+            if self._closed:  # the runtime is closing: nothing waits for this work any more
+                return
             if self._idle == 0 and len(self._workers) < self._max_workers:
                 worker = threading.Thread(target=self._work, daemon=True,
                                           name=f"{self._name}-{len(self._workers)}")

@@ -6,10 +6,20 @@ project that installs flowactors:
     def test_my_task(flow_runtime):
         job_id = flow_runtime.submit(spec)
         assert flow_runtime.wait(job_id, timeout=30).status == "completed"
+
+Recorded histories (JSONL written by `flowactors export`, or by `record_history`) pin behaviour:
+
+    events = load_history("tests/histories/completed.jsonl")
+    assert replay(events).status is JobStatus.COMPLETED
+    assert check_history(events).ok     # every recorded state digest is reproduced
+
+`pytest --flowactors-record=DIR` writes the log of every test that used `flow_runtime` to
+`DIR/<test name>.jsonl`: a real run, recorded as a history.
 """
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,21 +32,26 @@ from .codec import event_from_builtins
 from .errors import LogCorrupted
 from .events import Event, RecordedEvent, event_tag
 from .job import Command, JobState, decide, fold, initial_state
+from .replay import CheckReport, HistoryLine, check, export_lines, open_log
+from .store import GENESIS_HASH, EventStore, row_hash
+
+__all__ = [
+    "HistoryLine",
+    "check_history",
+    "flow_runtime",
+    "given",
+    "load_history",
+    "log_from_history",
+    "parse_history_line",
+    "record_history",
+    "recorded",
+    "replay",
+    "then",
+    "when",
+]
 
 _AT = datetime(2026, 1, 1, tzinfo=timezone.utc)
-
-
-class HistoryLine(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """One line of an exported history (JSONL): a recorded event as the log stored it."""
-
-    position: int
-    stream: str
-    version: int
-    type: str
-    schema_version: int
-    recorded_at: datetime
-    data: dict[str, Any]
-
+_RECORD_OPTION = "--flowactors-record"
 
 _line_decoder = msgspec.json.Decoder(HistoryLine)
 
@@ -77,6 +92,69 @@ def replay(events: Iterable[RecordedEvent], job_id: str | None = None) -> JobSta
     return fold(selected)
 
 
+def check_history(events: Iterable[RecordedEvent]) -> CheckReport:
+    """Replay a history and recompute every state digest its checkpoint and terminal events
+    recorded (what `flowactors replay --check` does on a log).
+
+    Returns a report: `report.ok`, `report.mismatch` (the first difference, naming its
+    position), `report.states` (every job's final state).
+    """
+    return check(events)
+
+
+def record_history(db_path: str | Path, out_path: str | Path, job_id: str | None = None) -> int:
+    """Write a log's events (or one job's) to a JSONL history, as `flowactors export` does.
+
+    Returns the number of events written. Works on a log a runtime is still writing.
+    """
+    count = 0
+    with open_log(db_path) as store, Path(out_path).open("wb") as out:
+        for line in export_lines(store, job_id=job_id):
+            out.write(line + b"\n")
+            count += 1
+    return count
+
+
+def log_from_history(history: str | Path, db_path: str | Path) -> Path:
+    """Write a recorded history into a new log file, so `flowactors` commands (or a Runtime)
+    can open it.
+
+    Rows are written as the history recorded them — type, schema version (old ones stay old),
+    data and time — with positions renumbered from 1 in file order and the hash chain computed
+    anew. A history carries no checkpoint states: the log has no blobs.
+
+    Raises:
+        LogCorrupted: a line does not decode (naming file and line). FileExistsError: the log
+            exists already.
+    """
+    db_path, history = Path(db_path), Path(history)
+    if db_path.exists():
+        raise FileExistsError(f"{db_path} exists already")
+    load_history(history)  # every line decodes, or a clear error before anything is written
+    with EventStore(db_path, mode="owner"):
+        pass  # creates the file and its schema
+    prev = GENESIS_HASH
+    rows = []
+    lines = (line for line in history.read_bytes().splitlines() if line.strip())
+    for position, raw in enumerate(lines, start=1):
+        line = _line_decoder.decode(raw)
+        data = msgspec.msgpack.encode({"type": line.type, **line.data})
+        at = line.recorded_at.isoformat()
+        prev = row_hash(prev, position, line.stream, line.version, line.type,
+                        line.schema_version, at, data)
+        rows.append((position, line.stream, line.version, line.type, line.schema_version, at,
+                     data, prev))
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany("INSERT INTO events (position, stream, version, type, schema_version, "
+                         "recorded_at, data, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    return db_path
+
+
 def recorded(events: Iterable[Event], job_id: str = "job",
              after: JobState | None = None) -> Iterator[RecordedEvent]:
     """Wrap events in envelopes as if the log had just recorded them (after `after`)."""
@@ -103,13 +181,31 @@ def then(state: JobState, events: Iterable[Event]) -> JobState:
     return fold(recorded(events, state.job_id, after=state), state)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        _RECORD_OPTION, metavar="DIR", default=None,
+        help="flowactors: write the log of each test using the flow_runtime fixture to "
+             "DIR/<test name>.jsonl (a recorded history)")
+
+
 @pytest.fixture
-def flow_runtime(tmp_path: Path) -> Iterator[Any]:
-    """A ready Runtime on a temporary log, tuned for fast tests (synchronous=off)."""
+def flow_runtime(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A ready Runtime on a temporary log, tuned for fast tests (synchronous=off).
+
+    With `pytest --flowactors-record=DIR`, its log is written to `DIR/<test name>.jsonl` when
+    the test ends.
+    """
     from .runtime import Runtime
 
-    runtime = Runtime(tmp_path / "flow.db", synchronous="off", handle_signals=False)
+    path = tmp_path / "flow.db"
+    runtime = Runtime(path, synchronous="off", handle_signals=False)
     try:
         yield runtime
     finally:
         runtime.close()
+    record_dir = request.config.getoption(_RECORD_OPTION, None)
+    if record_dir:
+        target = Path(record_dir)
+        target.mkdir(parents=True, exist_ok=True)
+        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in request.node.name)
+        record_history(path, target / f"{name}.jsonl")

@@ -1,0 +1,559 @@
+"""The `flowactors` command: inspect, replay, verify and export a log; control its jobs.
+
+A thin layer over `flowactors.replay`: every read-only subcommand opens the log read-only (it
+never creates a missing file nor changes one, and works while a runtime writes it). A user
+mistake prints one line, `error: ...`, to stderr and exits non-zero; logs go to stderr, so
+stdout carries only the output (JSON lines for `export`). Progress of long reads is shown on
+stderr when it is a terminal.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO, TypeVar
+
+import click
+import msgspec
+import structlog
+
+from . import job as core
+from . import replay as rp
+from . import schemas as schema_files
+from .demo import demo
+from .errors import CheckpointNotFound, FlowError
+from .report import report
+from .views import JobView
+
+__all__ = ["main"]
+
+T = TypeVar("T")
+EXIT_FAILED = 1
+EXIT_UNANSWERED = 3
+_json = msgspec.json.Encoder()
+
+
+class _Failure(click.ClickException):
+    """A failure to report as one line, `error: ...`, on stderr."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.message}", err=True)
+
+
+class _Group(click.Group):
+    """Turns every FlowError of a subcommand into a one-line error (never a traceback)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except FlowError as exc:
+            raise _Failure(str(exc)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True,
+              help="Also log what the store and runtime do (to stderr).")
+@click.version_option(package_name="flowactors")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
+    """Inspect, replay, verify and export a flowactors event log; control its jobs.
+
+    Every subcommand takes --db PATH (default flow.db). Read-only subcommands never create or
+    change the log, and work while a runtime is writing it.
+
+    \b
+    Example:
+        flowactors status --db flow.db
+    """
+    previous = structlog.get_config()
+    structlog.configure(
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.INFO if verbose else logging.WARNING))
+    ctx.call_on_close(lambda: structlog.configure(**previous))
+
+
+def _db_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--db", type=click.Path(dir_okay=False, path_type=Path), default="flow.db",
+        show_default=True, help="The flowactors log (a SQLite file).")(fn)
+
+
+def _json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print JSON instead of text.")(fn)
+
+
+# --- output helpers ----------------------------------------------------------------------------
+
+
+class _Progress:
+    """A counter on stderr, only when stderr is a terminal: stdout never sees it."""
+
+    def __init__(self, label: str, stream: TextIO | None = None, every: float = 0.2) -> None:
+        self.label = label
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = self.stream.isatty()
+        self.every = every
+        self.shown = False
+        self._next = 0.0  # the first update shows at once
+
+    def update(self, done: int, total: int | None = None) -> None:
+        if not self.enabled or time.monotonic() < self._next:
+            return
+        self._next = time.monotonic() + self.every
+        of = f"/{total}" if total else ""
+        self.stream.write(f"\r{self.label}: {done}{of} events")
+        self.stream.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        if self.shown:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self.shown = False
+
+    def counted(self, items: Iterable[T], total: int | None = None) -> Iterator[T]:
+        """Yield items, updating the counter every 1000 of them."""
+        done = 0
+        try:
+            for item in items:
+                yield item
+                done += 1
+                if done % 1000 == 0:
+                    self.update(done, total)
+        finally:
+            self.close()
+
+
+def _time(at: datetime | None) -> str:
+    return "-" if at is None else at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
+                     for line in [headers, *rows])
+
+
+def _money(value: float | None) -> str:
+    return "-" if value is None else f"${value:.4f}"
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _status_rows(views: list[JobView]) -> str:
+    rows = [[v.job_id, v.agent_id, v.status.value,
+             f"{v.progress.current_iteration}/{v.progress.total_iterations}",
+             _number(v.metrics.get("avg_reward")), _money(v.cost.cost_usd),
+             "-" if v.best_checkpoint is None else str(v.best_checkpoint)]
+            for v in views]
+    return _table(["JOB", "AGENT", "STATUS", "ITERATION", "AVG REWARD", "COST", "BEST"], rows)
+
+
+def _detail(v: JobView) -> str:
+    budget = "" if v.cost.budget_usd is None else \
+        f" of {_money(v.cost.budget_usd)} ({_money(v.cost.budget_remaining_usd)} left)"
+    metrics = ", ".join(f"{k} {val:.4f}" for k, val in sorted(v.metrics.items())) or "-"
+    error = "-" if v.error is None else f"{v.error.reason}: {v.error.type}: {v.error.message}"
+    lines = [
+        ("job", v.job_id), ("agent", v.agent_id), ("task", v.task or "-"),
+        ("status", v.status.value),
+        ("progress", f"{v.progress.current_iteration}/{v.progress.total_iterations} "
+                     f"iterations ({v.progress.percent_complete:g}%)"),
+        ("metrics", metrics),
+        ("cost", f"{_money(v.cost.cost_usd)}{budget}, {v.cost.tokens_consumed} tokens"),
+        ("best", "-" if v.best_checkpoint is None else f"checkpoint {v.best_checkpoint}"),
+        ("validation", _number(v.validation_score)),
+        ("attempts", str(v.attempts)), ("error", error),
+        ("created", _time(v.created_at)), ("started", _time(v.started_at)),
+        ("finished", _time(v.finished_at)), ("version", str(v.version)),
+    ]
+    return "\n".join(f"{name:<11} {value}" for name, value in lines)
+
+
+def _echo_json(value: Any) -> None:
+    click.echo(_json.encode(value).decode())
+
+
+# --- status, history -----------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("job", required=False)
+@_db_option
+@_json_option
+def status(job: str | None, db: Path, as_json: bool) -> None:
+    """Show every job as a table, or one JOB in detail.
+
+    Columns: id, agent, status, iteration/total, average reward, cost, best checkpoint.
+
+    \b
+    Example:
+        flowactors status --db flow.db
+    """
+    with rp.open_log(db) as store:
+        if job is not None:
+            view = core.view(rp.job_state(store, job))
+            if as_json:
+                _echo_json(view)
+            else:
+                click.echo(_detail(view))
+            return
+        progress = _Progress("reading")
+        states = rp.replay(progress.counted(rp.read_events(store), store.head()[0]))
+    views = [core.view(s) for s in states.values() if s.exists]
+    if as_json:
+        _echo_json(views)
+    elif views:
+        click.echo(_status_rows(views))
+    else:
+        click.echo(f"no jobs in {db}")
+
+
+def _history_line(recorded: Any) -> str:
+    return (f"{recorded.position:>8}  {recorded.version:>6}  {_time(recorded.recorded_at)}  "
+            f"{recorded.type:<28}  {rp.summary(recorded.event)}")
+
+
+@main.command()
+@click.argument("job")
+@click.option("-f", "--follow", is_flag=True,
+              help="Keep printing new events until the job is terminal (or Ctrl-C).")
+@click.option("--interval", type=click.FloatRange(min=0.01), default=0.25, show_default=True,
+              help="Seconds between reads while following.")
+@_db_option
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the events themselves, one JSON line each (the export format).")
+def history(job: str, follow: bool, interval: float, db: Path, as_json: bool) -> None:
+    """Print JOB's timeline: position, version, time, event type and a summary of each event.
+
+    With --follow, keep tailing a log that a runtime is writing; stops once the job is
+    completed, failed or cancelled, or on Ctrl-C.
+
+    \b
+    Example:
+        flowactors history 3f2a9c --follow --db flow.db
+    """
+    with rp.open_log(db) as store:
+        state = core.initial_state(job)
+
+        def emit(events: Iterable[Any]) -> None:
+            nonlocal state
+            for recorded in events:
+                click.echo(rp.history_line(recorded).decode() if as_json
+                           else _history_line(recorded))
+                state = core.evolve(state, recorded)
+
+        try:
+            events = rp.read_events(store, job_id=job)
+            if not as_json:
+                click.echo(f"{'POSITION':>8}  {'VERSION':>6}  {'TIME (UTC)':<23}  "
+                           f"{'TYPE':<28}  SUMMARY")
+            emit(events)
+            while follow and not state.status.is_terminal:
+                time.sleep(interval)
+                emit(store.read_stream(job, state.version + 1))
+        except KeyboardInterrupt:
+            return
+
+
+# --- replay, verify, export ----------------------------------------------------------------
+
+
+@main.command("replay")
+@click.option("--job", help="Only this job.")
+@click.option("--until", type=click.IntRange(min=0), metavar="POSITION",
+              help="Replay events up to this position (inclusive): the state at that time.")
+@click.option("--check", is_flag=True,
+              help="Recompute the state digests that checkpoint and terminal events recorded; "
+                   "fail on the first difference.")
+@_db_option
+@_json_option
+def replay_command(job: str | None, until: int | None, check: bool, db: Path,
+                   as_json: bool) -> None:
+    """Rebuild job states from the log alone (up to a position) and print them.
+
+    With --check, also recompute every state digest recorded when a checkpoint or terminal
+    event was written, and exit 1 naming the position of the first difference: this catches
+    a change to evolve that alters old histories.
+
+    \b
+    Example:
+        flowactors replay --check --db flow.db
+    """
+    with rp.open_log(db) as store:
+        progress = _Progress("replaying")
+        events = progress.counted(rp.read_events(store, job_id=job, until=until),
+                                  until or store.head()[0])
+        if check:
+            _check(rp.check(events), until, as_json)
+            return
+        seen = _Seen()
+        states = rp.replay(seen.through(events))
+        if job is not None and job not in states:
+            raise _Failure(f"job {job!r} has no events at or before position {until} in {db}")
+    entries = [s for s in states.values() if s.exists]
+    if as_json:
+        _echo_json({
+            "position": seen.position, "events": seen.count,
+            "jobs": [{"view": core.view(s), "state_digest": core.state_digest(s),
+                      **({"state": s} if job is not None else {})} for s in entries]})
+        return
+    click.echo(f"state after position {seen.position} ({seen.count} events replayed)")
+    if job is not None:
+        state = states[job]
+        click.echo(_detail(core.view(state)))
+        click.echo(f"{'digest':<11} {core.state_digest(state)}")
+        return
+    rows = [[s.job_id, s.status.value,
+             f"{s.iteration}/{s.spec.config.n_iterations if s.spec else '?'}",
+             str(s.version), core.state_digest(s)] for s in entries]
+    click.echo(_table(["JOB", "STATUS", "ITERATION", "VERSION", "STATE DIGEST"], rows)
+               if rows else "no jobs")
+
+
+class _Seen:
+    """Counts events passing through, and remembers the last position."""
+
+    def __init__(self) -> None:
+        self.position = 0
+        self.count = 0
+
+    def through(self, events: Iterable[Any]) -> Iterator[Any]:
+        for recorded in events:
+            self.position = recorded.position
+            self.count += 1
+            yield recorded
+
+
+def _check(report: rp.CheckReport, until: int | None, as_json: bool) -> None:
+    scope = "" if until is None else f", up to position {until}"
+    if as_json:
+        _echo_json({"ok": report.ok, "events": report.events,
+                    "digests_checked": report.digests_checked, "mismatch": report.mismatch})
+    if report.mismatch is not None:
+        raise _Failure(f"replay check failed at {report.mismatch}")
+    if not as_json:
+        click.echo(f"ok: {report.digests_checked} recorded state digests match the replay "
+                   f"({report.events} events, {len(report.states)} jobs{scope})")
+
+
+@main.command()
+@click.option("--expect-head", metavar="HASH",
+              help="A head hash printed by an earlier verify: the log must still contain it "
+                   "(detects a cut-off tail or a rewritten chain).")
+@_db_option
+@_json_option
+def verify(expect_head: str | None, db: Path, as_json: bool) -> None:
+    """Check the log: hash chain, contiguous positions and versions, every event decodes
+    against its schema version, blobs against their addresses, SQLite's integrity_check.
+
+    Exits 0 only when all hold, else 1 naming the first bad position. Prints the head hash:
+    keep it, and pass it to a later verify with --expect-head.
+
+    \b
+    Example:
+        flowactors verify --expect-head 9c1d...e4 --db flow.db
+    """
+    if expect_head is not None:
+        try:
+            if len(bytes.fromhex(expect_head)) != 32:
+                raise ValueError
+        except ValueError:
+            raise click.BadParameter("expected a SHA-256 hash in hex (64 characters)",
+                                     param_hint="--expect-head") from None
+    with rp.open_log(db) as store:
+        progress = _Progress("verifying")
+        try:
+            result = rp.verify(store, expect_head, progress=progress.update)
+        finally:
+            progress.close()
+    if as_json:
+        _echo_json(result)
+    else:
+        if result.ok:
+            click.echo(f"ok: {result.events_checked} events and {result.blobs_checked} blobs "
+                       f"verified")
+        click.echo(f"head: position {result.head_position}, hash {result.head_hash}")
+    if not result.ok:
+        where = "" if result.first_bad_position is None else \
+            f" at position {result.first_bad_position}"
+        raise _Failure(f"verification failed{where}: {result.problem}")
+
+
+@main.command()
+@click.option("--job", help="Only this job's events.")
+@click.option("--from", "from_position", type=click.IntRange(min=1), default=1,
+              metavar="POSITION", help="Start at this position.")
+@_db_option
+def export(job: str | None, from_position: int, db: Path) -> None:
+    """Write the log's events to stdout as JSON lines, in log order, exactly as stored.
+
+    One line per recorded event: position, stream, version, type, schema_version,
+    recorded_at, data (schema: schemas/HistoryLine.json). flowactors.testing.load_history
+    reads it back: this is how histories are recorded for tests.
+
+    \b
+    Example:
+        flowactors export --job 3f2a9c --db flow.db > tests/histories/my_job.jsonl
+    """
+    out = sys.stdout.buffer
+    with rp.open_log(db) as store:
+        progress = _Progress("exporting")
+        for line in progress.counted(rp.export_lines(store, job_id=job,
+                                                     from_position=from_position),
+                                     store.head()[0]):
+            out.write(line + b"\n")
+    out.flush()
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("job")
+@click.option("--save", type=click.IntRange(min=1), metavar="ITERATION",
+              help="Save the trainer state of this checkpoint (needs --out).")
+@click.option("--out", type=click.Path(dir_okay=False, writable=True, path_type=Path),
+              help="The file --save writes (the state's MessagePack bytes, as stored).")
+@_db_option
+@_json_option
+def checkpoints(job: str, save: int | None, out: Path | None, db: Path, as_json: bool) -> None:
+    """List JOB's checkpoints, best first; or save one's trainer state to a file.
+
+    \b
+    Example:
+        flowactors checkpoints 3f2a9c --save 10 --out state-10.msgpack --db flow.db
+    """
+    if (save is None) != (out is None):
+        raise click.UsageError("--save ITERATION and --out FILE go together")
+    with rp.open_log(db) as store:
+        state = rp.job_state(store, job)
+        infos = core.checkpoint_infos(state)
+        if save is not None and out is not None:
+            info = next((i for i in infos if i.iteration == save), None)
+            if info is None:
+                raise CheckpointNotFound(
+                    f"job {job!r} has no checkpoint at iteration {save} (it has "
+                    f"{', '.join(str(i.iteration) for i in infos) or 'none'})")
+            if info.pruned:
+                raise CheckpointNotFound(
+                    f"checkpoint {save} of job {job!r} was pruned: its state is gone")
+            blob = store.get_blob(info.state_ref)
+            try:
+                out.write_bytes(blob)
+            except OSError as exc:
+                raise _Failure(f"cannot write {out}: {exc.strerror or exc}") from None
+            click.echo(f"saved checkpoint {save} of job {job} ({len(blob)} bytes, "
+                       f"state {info.state_ref}) to {out}")
+            return
+    if as_json:
+        _echo_json(infos)
+        return
+    if not infos:
+        click.echo(f"job {job} has no checkpoints")
+        return
+    best = core.best_checkpoint(state)
+    rows = [[str(i.iteration), f"{i.validation_score:.4f}",
+             _number(i.metrics.get("avg_reward")), _number(i.metrics.get("loss")),
+             "pruned" if i.pruned else ("kept, best" if best and best.iteration == i.iteration
+                                        else "kept"),
+             i.state_ref] for i in infos]
+    click.echo(_table(["ITERATION", "VALIDATION", "AVG REWARD", "LOSS", "STATE", "REF"], rows))
+
+
+# --- control -----------------------------------------------------------------------------------
+
+
+def _control_command(name: str, done: str, summary: str, example: str) -> click.Command:
+    @click.argument("job")
+    @click.option("--timeout", type=click.FloatRange(min=0.0), default=30.0, show_default=True,
+                  help="Seconds to wait for the owning runtime's answer.")
+    @_db_option
+    def command(job: str, timeout: float, db: Path) -> None:
+        outcome = rp.control(db, job, name, timeout=timeout)  # type: ignore[arg-type]
+        if outcome.outcome == "unanswered":
+            raise _Failure(outcome.reason, EXIT_UNANSWERED)
+        if outcome.outcome == "rejected":
+            raise _Failure(f"{name} rejected: {outcome.reason}")
+        state = "" if outcome.view is None else f": it is {outcome.view.status.value}"
+        how = " (no runtime owns the log: decided directly)" \
+            if outcome.decided_by == "direct" else ""
+        click.echo(f"{done} job {job}{state}{how}")
+
+    command.__doc__ = f"""{summary}
+
+    While a runtime owns the log, leaves a request in its inbox and waits for the answer:
+    exit 0 once applied, 1 with the reason when rejected, 3 when unanswered within
+    --timeout. With no runtime running, decides directly.
+
+    \b
+    Example:
+        {example}
+    """
+    return click.command(name)(command)
+
+
+main.add_command(_control_command(
+    "cancel", "cancelled", "Cancel JOB (mid-iteration if it runs).",
+    "flowactors cancel 3f2a9c --db flow.db"))
+main.add_command(_control_command(
+    "pause", "paused", "Pause JOB (a running job at its next iteration boundary).",
+    "flowactors pause 3f2a9c --db flow.db"))
+main.add_command(_control_command(
+    "resume", "resumed", "Queue a paused JOB again.",
+    "flowactors resume 3f2a9c --db flow.db"))
+
+
+# --- schemas -----------------------------------------------------------------------------------
+
+
+@main.command("schemas")
+@click.option("--check", is_flag=True,
+              help="Do not write: exit 1 when the files differ from the code.")
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="The schemas directory [default: schemas/ of the source tree].")
+def schemas_command(check: bool, directory: Path | None) -> None:
+    """Regenerate the JSON Schemas of every event type (per schema version), JobSpec, JobView
+    and the export line from the code, or check the committed ones.
+
+    \b
+    Example:
+        flowactors schemas --check
+    """
+    if directory is None:
+        directory = schema_files.SOURCE_DIR
+        if not directory.is_dir():
+            raise _Failure(f"no schemas directory at {directory} (flowactors does not run "
+                           f"from a source checkout); pass --dir")
+    if check:
+        problems = schema_files.differences(directory)
+        if problems:
+            for problem in problems:
+                click.echo(f"{directory / problem}", err=True)
+            raise _Failure(f"{len(problems)} schema file(s) in {directory} differ from the "
+                           f"code; run `flowactors schemas` to regenerate them")
+        click.echo(f"ok: the schemas in {directory} match the code")
+        return
+    changed = schema_files.write(directory)
+    click.echo(f"wrote {len(changed)} changed schema file(s) to {directory}"
+               if changed else f"the schemas in {directory} are up to date")
+
+
+main.add_command(demo)
+main.add_command(report)
+
+
+if __name__ == "__main__":
+    main(prog_name="flowactors")
