@@ -52,7 +52,7 @@ def reference(tmp_path_factory) -> dict[str, str]:
     "actor.iteration@12",           # between checkpoints
     "actor.checkpoint@2",           # just before a checkpoint's append
     "store.commit_with_blobs@3",    # inside the transaction writing a checkpoint's blob
-    "store.commit@20",              # inside a group commit
+    "store.commit@8",               # inside a group commit
     "actor.started@2",              # during recovery itself (second kill)
 ])
 @pytest.mark.timeout(180)
