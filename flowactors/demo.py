@@ -365,7 +365,20 @@ def _quiet_logs() -> Iterator[None]:
 
 
 def _cmd(*words: str | Path) -> str:
-    return " ".join(shlex.quote(str(w)) for w in ("flowactors", *words))
+    return " ".join(shlex.quote(str(w)) for w in (_program(), *words))
+
+
+def _program() -> str:
+    """How to run `flowactors` from here: by name when it is on PATH (as after `pip install`),
+    else by the path of the virtualenv's script (as after `make demo`)."""
+    script = Path(sys.executable).with_name("flowactors")
+    found = shutil.which("flowactors")
+    if found is None and script.exists():
+        try:
+            return str(script.relative_to(Path.cwd()))
+        except ValueError:
+            return str(script)
+    return "flowactors"
 
 
 @click.command("demo")
