@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import sys
+import threading
 import traceback
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -47,6 +48,7 @@ class JobHost(Protocol):
     store: Any
     pool: RolloutPool
     closing: bool
+    ready: threading.Event  # set once the runtime has started every recovered job
     deadlines: Deadlines
 
     def publish(self, state: JobState, recorded: Sequence[RecordedEvent]) -> None:
@@ -81,7 +83,7 @@ class JobActor(pykka.ThreadingActor):
         return queue.SimpleQueue()
 
     def __init__(self, *, host: JobHost, state: JobState, task: Task,
-                 start: Command) -> None:
+                 start: Command | None) -> None:
         super().__init__()
         assert state.spec is not None
         self.host = host
@@ -100,6 +102,9 @@ class JobActor(pykka.ThreadingActor):
     # --- lifecycle hooks (run on the actor's thread) ---
 
     def on_start(self) -> None:
+        # Recovery starts a thousand actors at once: training before all are started would
+        # starve the thread starting them.
+        self.host.ready.wait()
         try:
             self._begin()
         except Exception:
@@ -167,7 +172,8 @@ class JobActor(pykka.ThreadingActor):
 
     def _begin(self) -> None:
         try:
-            self._decide_and_append(self.start_command)
+            if self.start_command is not None:
+                self._decide_and_append(self.start_command)
             fault_point("actor.started")
             self.log.info("job_started", iteration=self.state.iteration,
                           attempt=self.state.attempts)

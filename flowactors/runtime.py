@@ -101,11 +101,14 @@ class Runtime:
         self._stalled: dict[str, str] = {}
         self._watchers: list[tuple[str | None, Any]] = []
         self._previous_handlers: dict[int, Any] = {}
+        self.ready = threading.Event()
         try:
             self._recover()
         except BaseException:
             self._shutdown()
             raise
+        finally:
+            self.ready.set()
         self._inbox_stop = threading.Event()
         self._inbox_thread = threading.Thread(target=self._tail_inbox, daemon=True,
                                               name="flowactors-inbox")
@@ -328,17 +331,24 @@ class Runtime:
             states[stream] = evolve(state, recorded)
         for job_id, state in states.items():
             self._views[job_id] = view(state)
-        recovered = 0
         fault_point("runtime.recover")
+        running = [s for s in states.values() if s.status is JobStatus.RUNNING]
+        recoveries = [(s.job_id, decide(Recover(attempt=s.attempts + 1, cause="crash"), s),
+                       s.version) for s in running]
         with self._lock:
+            # One group commit records every recovery before any actor starts.
+            for state, result in zip(running, self.store.append_many(recoveries)):
+                if isinstance(result, FlowError):
+                    raise result
+                recovered = fold(result, state)
+                self.publish(recovered, result)
+                self._start_actor(recovered, None)
             for job_id, state in states.items():
                 if state.status is JobStatus.QUEUED:
                     self._enqueue(job_id)
-                elif state.status is JobStatus.RUNNING:
-                    self._start_actor(state, Recover(attempt=state.attempts + 1, cause="crash"))
-                    recovered += 1
             self._schedule()
-        log.info("runtime_opened", path=str(self.path), jobs=len(states), recovered=recovered)
+        log.info("runtime_opened", path=str(self.path), jobs=len(states),
+                 recovered=len(running))
 
     def _enqueue(self, job_id: str) -> None:
         state = self._states[job_id]
@@ -353,7 +363,8 @@ class Runtime:
             if state.status is JobStatus.QUEUED and job_id not in self._actors:
                 self._start_actor(state, Start())
 
-    def _start_actor(self, state: JobState, start: Command) -> None:
+    def _start_actor(self, state: JobState, start: Command | None) -> None:
+        """Start a job's actor; it first records `start` (None: already recorded)."""
         assert state.spec is not None
         try:
             task = build_task(state.spec)

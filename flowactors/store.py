@@ -41,6 +41,7 @@ from .codec import digest as content_digest
 from .errors import (
     BlobNotFound,
     ConcurrencyConflict,
+    FlowError,
     InvalidTransition,
     LogCorrupted,
     LogNotFound,
@@ -693,6 +694,24 @@ class EventStore:
             ValueError, TypeError: bad arguments.
         """
         return self._submit(stream, events, expected_version, blobs, releases).result()
+
+    def append_many(self, appends: Sequence[tuple[str, Sequence[Event], int]]
+                    ) -> list[list[RecordedEvent] | FlowError]:
+        """Append to many streams at once, as `append` does for one: all are queued before
+        any is waited for, so they share group commits (a restarted runtime records the
+        recovery of a thousand jobs this way, in one transaction instead of a thousand).
+
+        Returns, for each append in order, its recorded events or the FlowError that refused
+        it (ConcurrencyConflict, StoreUnavailable); one append's refusal fails no other.
+        """
+        queued = [self._submit(stream, events, expected) for stream, events, expected in appends]
+        results: list[list[RecordedEvent] | FlowError] = []
+        for item in queued:  # every one, in order: each passes the wake-up on to the next
+            try:
+                results.append(item.result())
+            except FlowError as exc:
+                results.append(exc)
+        return results
 
     def _submit(self, stream: str, events: Iterable[Event], expected_version: int,
                 blobs: Iterable[bytes] = (), releases: Iterable[str] = ()) -> _Append:

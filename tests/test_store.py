@@ -922,3 +922,20 @@ def test_opening_a_store_keeps_the_locks_of_connections_already_open(tmp_path):
             result = subprocess.run([sys.executable, "-c", switch, str(path)],
                                     capture_output=True, text=True, timeout=30)
     assert result.returncode != 0 and "locked" in result.stderr, result.stdout
+
+
+def test_append_many_shares_commits_and_refuses_only_the_conflicting_append(tmp_path):
+    """append_many records each stream's events (contiguous versions) and returns the
+    ConcurrencyConflict of a stale append in its place, without failing the others."""
+    from flowactors.errors import ConcurrencyConflict
+
+    with EventStore(tmp_path / "flow.db", mode="owner", synchronous="off") as store:
+        store.append("b", [JobStarted()], 0)
+        results = store.append_many([("a", [JobStarted(), JobStarted()], 0),
+                                     ("b", [JobStarted()], 0),  # stale: b is at 1
+                                     ("c", [JobStarted()], 0)])
+        assert [r.version for r in results[0]] == [1, 2]
+        assert isinstance(results[1], ConcurrencyConflict)
+        assert [r.version for r in results[2]] == [1]
+        assert store.streams() == {"a": 2, "b": 1, "c": 1}
+        assert store.verify().ok
