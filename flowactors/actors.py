@@ -36,7 +36,7 @@ from .job import (
     needs_saved_state,
 )
 from .rollouts import Deadlines, RolloutBatch, RolloutPool
-from .tasks import Task, Trajectory
+from .tasks import Task, Trajectory, state_decoder
 from .training import batch_for, split_data
 
 log = structlog.get_logger(__name__)
@@ -190,8 +190,7 @@ class JobActor(pykka.ThreadingActor):
         point = self.state.resume_point
         if point is None:
             return self.task.init(self.spec)
-        blob = self.host.store.get_blob(point.state_ref)
-        return msgspec.msgpack.decode(blob, type=getattr(self.task, "state_type", Any))
+        return state_decoder(self.task).decode(self.host.store.get_blob(point.state_ref))
 
     def _continue(self) -> None:
         if self.state.status.is_terminal:

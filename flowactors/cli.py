@@ -25,7 +25,7 @@ from . import job as core
 from . import replay as rp
 from . import schemas as schema_files
 from .demo import demo
-from .errors import CheckpointNotFound, FlowError
+from .errors import CheckpointNotFound, FlowError, LogCorrupted
 from .report import report
 from .views import JobView
 
@@ -212,6 +212,10 @@ def status(job: str | None, db: Path, as_json: bool) -> None:
             return
         progress = _Progress("reading")
         states = rp.replay(progress.counted(rp.read_events(store), store.head()[0]))
+        storage = store.verify_storage()
+        if not storage.ok:
+            raise LogCorrupted(f"{db} fails verification: {storage.problem}; "
+                               f"run `flowactors verify --db {db}`")
     views = [core.view(s) for s in states.values() if s.exists]
     if as_json:
         _echo_json(views)

@@ -3,8 +3,24 @@
 from __future__ import annotations
 
 
+def one_line(text: str) -> str:
+    """`text` made safe for a one-line message: control characters (newlines, terminal
+    escapes) and lone surrogates, which damaged files and hostile input carry, are escaped."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() and not 0xD800 <= ord(c) <= 0xDFFF
+                   else repr(c)[1:-1] for c in text)
+
+
 class FlowError(Exception):
-    """Base class of every error flowactors raises on purpose."""
+    """Base class of every error flowactors raises on purpose.
+
+    Its message is always one line: text quoted from a damaged file or hostile input has its
+    control characters escaped.
+    """
+
+    def __str__(self) -> str:
+        return one_line(str(self.args[0]) if len(self.args) == 1 else super().__str__())
 
 
 class SpecError(FlowError, ValueError):
@@ -13,9 +29,6 @@ class SpecError(FlowError, ValueError):
 
 class JobNotFound(FlowError, KeyError):
     """No job with this id exists in the log."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else "job not found"
 
 
 class InvalidTransition(FlowError):
@@ -41,16 +54,14 @@ class StoreUnavailable(FlowError):
 class CheckpointNotFound(FlowError, KeyError):
     """No such checkpoint, or it was pruned (its state is gone)."""
 
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "checkpoint not found"
-
 
 class BlobNotFound(FlowError, KeyError):
     """No blob with this digest is stored in the log (never stored, or released and deleted)."""
 
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else "blob not found"
-
 
 class LogNotFound(FlowError, FileNotFoundError):
     """A read-only or requester open found no log at the path (only an owner creates one)."""
+
+
+class InvalidRequest(FlowError, ValueError):
+    """A control request that cannot be made (unknown command, a job id the log cannot store)."""

@@ -132,8 +132,8 @@ def read_events(store: EventStore, *, job_id: str | None = None, from_position: 
     Raises:
         JobNotFound: `job_id` has no events. LogCorrupted: an event does not decode.
     """
-    if job_id is None:
-        return store.read_all(from_position, until)
+    if job_id is None:  # the whole log from its start: refuse a broken hash chain as we go
+        return store.read_all(from_position, until, verify_chain=from_position == 1)
     _require_job(store, job_id)
     return (r for r in _until(store.read_stream(job_id), until) if r.position >= from_position)
 

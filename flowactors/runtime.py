@@ -18,7 +18,6 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import msgspec
 import pykka
 import structlog
 
@@ -28,6 +27,7 @@ from .errors import (
     FlowError,
     InvalidTransition,
     JobNotFound,
+    LogCorrupted,
     SpecError,
     StoreUnavailable,
 )
@@ -53,7 +53,7 @@ from .job import (
 from .rollouts import Deadlines, RolloutPool
 from .spec import JobSpec, validate_spec
 from .store import EventStore
-from .tasks import build_task
+from .tasks import build_task, state_decoder
 from .views import CheckpointInfo, JobStatus, JobView
 
 log = structlog.get_logger(__name__)
@@ -283,8 +283,7 @@ class Runtime:
                         f"checkpoint {iteration} of job {job_id!r} was pruned")
                 assert state.spec is not None
                 task = build_task(state.spec)
-                return msgspec.msgpack.decode(self.store.get_blob(info.state_ref),
-                                              type=getattr(task, "state_type", Any))
+                return state_decoder(task).decode(self.store.get_blob(info.state_ref))
         raise CheckpointNotFound(f"job {job_id!r} has no checkpoint at iteration {iteration}")
 
     # --- closing ---
@@ -296,6 +295,8 @@ class Runtime:
         self.closing = True
         self._restore_signal_handlers()
         self._inbox_stop.set()
+        if self._inbox_thread is not threading.current_thread():
+            self._inbox_thread.join(timeout=10)  # it reads the store we are about to close
         with self._lock:
             actors = list(self._actors.values())
         for actor in actors:
@@ -322,13 +323,21 @@ class Runtime:
     def _recover(self) -> None:
         """Replay the log; queue queued jobs; resume running ones from their last checkpoint."""
         states = self._states
-        for recorded in self.store.read_all():
+        storage: list[Any] = []  # blobs and pages, checked on another thread meanwhile
+        checker = threading.Thread(target=lambda: storage.append(self.store.verify_storage()),
+                                   daemon=True, name="flowactors-open-check")
+        checker.start()
+        for recorded in self.store.read_all(verify_chain=True):
             stream = recorded.stream
             state = states.get(stream)
             if state is None:
                 state = initial_state(stream)
                 self._order[stream] = recorded.position
             states[stream] = evolve(state, recorded)
+        checker.join()
+        if not storage[0].ok:
+            raise LogCorrupted(f"{self.path} fails verification: {storage[0].problem}; "
+                               f"run `flowactors verify --db {self.path}`")
         for job_id, state in states.items():
             self._views[job_id] = view(state)
         fault_point("runtime.recover")

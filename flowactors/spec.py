@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from .errors import SpecError
+from .errors import SpecError, one_line
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
@@ -64,9 +64,39 @@ def validate_spec(value: Any) -> JobSpec:
     """
     try:
         raw = msgspec.to_builtins(value)
-    except (TypeError, msgspec.EncodeError) as exc:
-        raise SpecError(f"invalid job spec: {exc}") from None
+        spec = msgspec.convert(raw, JobSpec)
+    except (TypeError, msgspec.EncodeError, msgspec.ValidationError) as exc:
+        raise SpecError(f"invalid job spec: {one_line(str(exc))}") from None
+    except (UnicodeError, OverflowError) as exc:
+        raise SpecError(f"invalid job spec: {type(exc).__name__}: {one_line(str(exc))} - at "
+                        f"`{_unencodable_path(value)}`") from None
+    _require_storable(spec)
+    return spec
+
+
+def _unencodable_path(value: Any, path: str = "$") -> str:
+    """The path of the first value inside `value` that the log cannot encode."""
+    items = (value.items() if isinstance(value, dict) else
+             enumerate(value) if isinstance(value, (list, tuple)) else ())
+    for key, item in items:
+        if not _encodable({key: item} if isinstance(value, dict) else item):
+            step = f"[{key}]" if isinstance(key, int) else f".{one_line(str(key))}"
+            return _unencodable_path(item, path + step) if _encodable(key) else path + step
+    return path
+
+
+def _encodable(value: Any) -> bool:
     try:
-        return msgspec.convert(raw, JobSpec)
-    except msgspec.ValidationError as exc:
-        raise SpecError(f"invalid job spec: {exc}") from None
+        msgspec.msgpack.encode(value)
+    except (UnicodeError, OverflowError, TypeError, msgspec.EncodeError):
+        return False
+    return True
+
+
+def _require_storable(spec: JobSpec) -> None:
+    """A spec must fit the log's encoding (64-bit integers, valid Unicode); the error names
+    the first value that does not."""
+    if not _encodable(spec):
+        raise SpecError(f"invalid job spec: the log cannot store it (an integer beyond 64 bits "
+                        f"or a string that is not valid Unicode) - at "
+                        f"`{_unencodable_path(msgspec.to_builtins(spec))}`")

@@ -20,6 +20,7 @@ inbox (`request`), which the owner reads (`pending_requests`) and answers (`answ
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -42,11 +43,13 @@ from .errors import (
     BlobNotFound,
     ConcurrencyConflict,
     FlowError,
+    InvalidRequest,
     InvalidTransition,
     LogCorrupted,
     LogNotFound,
     StoreLocked,
     StoreUnavailable,
+    one_line,
 )
 from .events import EVENT_TYPES, Event, RecordedEvent, event_tag
 from .faults import armed, fault_point
@@ -312,11 +315,15 @@ def _check_header(path: str) -> bool:
         try:
             application_id = conn.execute("PRAGMA application_id").fetchone()[0]
             version = conn.execute("PRAGMA user_version").fetchone()[0]
+            empty = application_id == 0 and not conn.execute(
+                "SELECT count(*) FROM sqlite_master").fetchone()[0]
         finally:
             conn.close()
-    except sqlite3.DatabaseError as exc:
+    except (sqlite3.DatabaseError, UnicodeError) as exc:
         raise LogCorrupted(f"{path} is not a flowactors log (not a SQLite database: {exc})"
                            ) from None
+    if empty:  # an empty database: a log whose creation was cut off before it committed
+        return False
     if application_id != APPLICATION_ID:
         raise LogCorrupted(
             f"{path} is not a flowactors log (a SQLite database with application_id "
@@ -342,7 +349,7 @@ def _check_schema(path: str, conn: sqlite3.Connection) -> None:
         tables = set(sqlite_utils.Database(conn).table_names())
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall()) \
             if "meta" in tables else {}
-    except sqlite3.DatabaseError as exc:
+    except (sqlite3.DatabaseError, UnicodeError) as exc:
         raise LogCorrupted(f"{path} is not a readable flowactors log: {exc}") from None
     if application_id != APPLICATION_ID or meta.get("application") != "flowactors":
         raise LogCorrupted(f"{path} is not a flowactors log (no flowactors meta table)")
@@ -568,10 +575,12 @@ class EventStore:
         self._conn = conn
         try:
             conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            # WAL first: a crash while creating the schema then leaves an empty database, which
+            # the next owner initialises, not a hot rollback journal no reader can roll back.
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if not exists:
                 _create_schema(conn)
                 log.info("log_created", path=self.path, format_version=FORMAT_VERSION)
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
                 raise StoreUnavailable(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
             conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
@@ -1013,7 +1022,7 @@ class EventStore:
             return self._reader().execute(sql, params)
         except sqlite3.ProgrammingError as exc:  # closed underneath us
             raise StoreUnavailable(f"cannot read {self.path}: {exc}") from None
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, UnicodeError) as exc:
             raise LogCorrupted(f"cannot read {self.path}: {exc}") from None
 
     def _events(self, batches: Iterable[list[Any]]) -> Iterator[RecordedEvent]:
@@ -1040,21 +1049,49 @@ class EventStore:
                                         type=type_, schema_version=schema_version,
                                         recorded_at=recorded_at, event=event,
                                         hash=hash_.hex() if isinstance(hash_, bytes) else hash_)
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, UnicodeError) as exc:
             raise LogCorrupted(f"cannot read {self.path}: {exc}") from None
 
-    def read_all(self, from_position: int = 1,
-                 to_position: int | None = None) -> Iterator[RecordedEvent]:
+    def read_all(self, from_position: int = 1, to_position: int | None = None, *,
+                 verify_chain: bool = False) -> Iterator[RecordedEvent]:
         """Yield recorded events in position order, from `from_position` to `to_position`
         (inclusive; None: to the end of the log, including events appended meanwhile).
 
         Reads in chunks of positions, each from a fresh snapshot, so a long replay does not
         hold one read transaction (which would keep the WAL from being checkpointed).
 
+        Args:
+            verify_chain: also recompute each row's hash from the previous one (from the
+                start of the log), so edited, removed or reordered events are refused, not
+                served: what a runtime does when it opens a log.
+
         Raises:
-            LogCorrupted: a row does not decode (the message names its position).
+            LogCorrupted: a row does not decode, or (verify_chain) breaks the hash chain; the
+                message names its position.
         """
-        return self._events(self._batches(from_position, to_position))
+        batches = self._batches(from_position, to_position)
+        if verify_chain:
+            if from_position > 1:
+                raise ValueError("verify_chain needs the whole log (from_position=1)")
+            batches = self._chained(batches)
+        return self._events(batches)
+
+    def _chained(self, batches: Iterable[list[Any]]) -> Iterator[list[Any]]:
+        """Pass rows through, checking the hash chain and positions as they go by."""
+        prev, expected_position = GENESIS_HASH, 1
+        sha256, frame = _sha256, _frame
+        for rows in batches:
+            for position, stream, version, type_, schema_version, ts, data, hash_ in rows:
+                prev = sha256(frame((prev, position, stream, version, type_, schema_version,
+                                     ts, data))).digest()
+                if position != expected_position or prev != hash_:
+                    problem = (f"position {expected_position} is missing"
+                               if position != expected_position else
+                               "its hash does not match its content and the chain")
+                    raise LogCorrupted(f"{self.path}: the event at position {position} fails "
+                                       f"verification ({problem}); run `flowactors verify`")
+                expected_position += 1
+            yield rows
 
     def _batches(self, from_position: int, to_position: int | None) -> Iterator[list[Any]]:
         """The rows of `read_all`, a few hundred at a time: fewer live rows than the garbage
@@ -1103,7 +1140,7 @@ class EventStore:
             # Several snapshots; a version once present stays, so the answer is the head at
             # some moment of the search.
             return self._probe_head(self._reader(), stream)
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, UnicodeError) as exc:
             raise LogCorrupted(f"cannot read {self.path}: {exc}") from None
 
     @staticmethod
@@ -1170,13 +1207,19 @@ class EventStore:
         """Leave a control request for the owner; return its id. Modes "requester" and "owner".
 
         Raises:
-            ValueError: command is not pause, resume or cancel; job_id is not a non-empty str.
+            InvalidRequest: command is not pause, resume or cancel; job_id is not a non-empty
+                str the log can store.
             StoreUnavailable: read-only open, closed store, or the write failed.
         """
         if command not in _COMMANDS:
-            raise ValueError(f"command must be one of {', '.join(_COMMANDS)}, not {command!r}")
+            raise InvalidRequest(
+                f"command must be one of {', '.join(_COMMANDS)}, not {command!r}")
         if type(job_id) is not str or not job_id:
-            raise ValueError(f"job_id must be a non-empty str, not {job_id!r}")
+            raise InvalidRequest(f"job_id must be a non-empty str, not {job_id!r}")
+        try:
+            job_id.encode()
+        except UnicodeError:
+            raise InvalidRequest(f"job_id {job_id!r} is not valid Unicode") from None
 
         def insert(conn: sqlite3.Connection) -> int:
             conn.execute("BEGIN IMMEDIATE")
@@ -1258,8 +1301,18 @@ class EventStore:
 
     # --- verification ---
 
+    def verify_storage(self) -> VerifyReport:
+        """Check what a replay does not read: every blob against its address, and SQLite's
+        quick_check of every page. The hash chain is checked by `read_all(verify_chain=True)`.
+
+        SQLite and hashlib release the GIL for this work, so a runtime runs it on another
+        thread while it replays the log. Never raises for a corrupt log.
+        """
+        return self.verify(_events=False)
+
     def verify(self, expected_head: str | None = None, *,
-               progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+               progress: Callable[[int, int], None] | None = None,
+               _events: bool = True) -> VerifyReport:
         """Check the whole log: the hash chain over every column of every event, gap-free
         positions, contiguous versions per stream, that every event decodes, every blob matches
         its address and every referenced blob exists, and SQLite's integrity_check.
@@ -1282,9 +1335,14 @@ class EventStore:
         try:
             conn.execute("BEGIN")  # one snapshot, even while the owner appends
             try:
-                return _Verifier(self.path, conn, expected, progress).run()
+                return _Verifier(self.path, conn, expected, progress, _events).run()
             finally:
-                conn.execute("COMMIT")
+                with contextlib.suppress(sqlite3.Error):  # a damaged file fails here too
+                    conn.execute("ROLLBACK")
+        except (sqlite3.DatabaseError, UnicodeError) as exc:
+            return VerifyReport(ok=False, events_checked=0, blobs_checked=0, head_position=0,
+                                head_hash="", first_bad_position=None,
+                                problem=one_line(f"cannot read {self.path}: {exc}"))
         finally:
             conn.close()
 
@@ -1293,7 +1351,8 @@ class _Verifier:
     """One pass of `EventStore.verify` over a read snapshot."""
 
     def __init__(self, path: str, conn: sqlite3.Connection, expected: bytes | None,
-                 progress: Callable[[int, int], None] | None) -> None:
+                 progress: Callable[[int, int], None] | None, events: bool = True) -> None:
+        self.events = events  # False: blobs and pages only (quick_check), for an open
         self.path = path
         self.conn = conn
         self.expected = expected
@@ -1307,7 +1366,7 @@ class _Verifier:
         return VerifyReport(ok=problem is None, events_checked=self.events_checked,
                             blobs_checked=self.blobs_checked, head_position=self.head_position,
                             head_hash=self.head_hash, first_bad_position=position,
-                            problem=problem)
+                            problem=None if problem is None else one_line(problem))
 
     def run(self) -> VerifyReport:
         try:
@@ -1317,7 +1376,7 @@ class _Verifier:
                 self.head_position = row[0]
                 self.head_hash = bytes(row[1]).hex() if isinstance(row[1], bytes) \
                     else str(row[1])
-            found = self.check_events()
+            found = self.check_events() if self.events else None
             if isinstance(found, VerifyReport):
                 return found
             if self.expected is not None and found is None:
@@ -1328,10 +1387,11 @@ class _Verifier:
             problem = self.check_blobs()
             if problem is not None:
                 return self.report(problem)
-            lines = [r[0] for r in self.conn.execute("PRAGMA integrity_check").fetchall()]
+            check = "integrity_check" if self.events else "quick_check"
+            lines = [r[0] for r in self.conn.execute(f"PRAGMA {check}").fetchall()]
             if lines != ["ok"]:
-                return self.report(f"SQLite integrity_check: {'; '.join(lines[:5])}")
-        except sqlite3.DatabaseError as exc:
+                return self.report(f"SQLite {check}: {'; '.join(lines[:5])}")
+        except (sqlite3.DatabaseError, UnicodeError) as exc:
             at = self.events_checked + 1  # the event being read, unless all were read already
             return self.report(f"SQLite error reading {self.path}: {exc}",
                                at if at <= self.head_position else None)

@@ -29,7 +29,7 @@ import msgspec
 import pytest
 
 from .codec import event_from_builtins
-from .errors import LogCorrupted
+from .errors import LogCorrupted, one_line
 from .events import Event, RecordedEvent, event_tag
 from .job import Command, JobState, decide, fold, initial_state
 from .replay import CheckReport, HistoryLine, check, export_lines, open_log
@@ -65,8 +65,8 @@ def parse_history_line(line: str | bytes, where: str = "<history>") -> RecordedE
     try:
         parsed = _line_decoder.decode(line)
         event = event_from_builtins(parsed.type, parsed.schema_version, parsed.data)
-    except (msgspec.DecodeError, msgspec.ValidationError, LogCorrupted) as exc:
-        raise LogCorrupted(f"{where}: {exc}") from None
+    except (msgspec.DecodeError, msgspec.ValidationError, LogCorrupted, UnicodeError) as exc:
+        raise LogCorrupted(f"{where}: {one_line(str(exc))}") from None
     return RecordedEvent(position=parsed.position, stream=parsed.stream, version=parsed.version,
                          type=parsed.type, schema_version=parsed.schema_version,
                          recorded_at=parsed.recorded_at, event=event)

