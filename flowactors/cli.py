@@ -25,6 +25,7 @@ from . import job as core
 from . import replay as rp
 from . import schemas as schema_files
 from .demo import demo
+from .console import Failure
 from .errors import CheckpointNotFound, FlowError, LogCorrupted
 from .report import report
 from .views import JobView
@@ -32,20 +33,9 @@ from .views import JobView
 __all__ = ["main"]
 
 T = TypeVar("T")
-EXIT_FAILED = 1
+
 EXIT_UNANSWERED = 3
 _json = msgspec.json.Encoder()
-
-
-class _Failure(click.ClickException):
-    """A failure to report as one line, `error: ...`, on stderr."""
-
-    def __init__(self, message: str, exit_code: int = EXIT_FAILED) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.message}", err=True)
 
 
 class _Group(click.Group):
@@ -55,7 +45,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except FlowError as exc:
-            raise _Failure(str(exc)) from None
+            raise Failure(str(exc)) from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -306,7 +296,7 @@ def replay_command(job: str | None, until: int | None, check: bool, db: Path,
         seen = _Seen()
         states = rp.replay(seen.through(events))
         if job is not None and job not in states:
-            raise _Failure(f"job {job!r} has no events at or before position {until} in {db}")
+            raise Failure(f"job {job!r} has no events at or before position {until} in {db}")
     entries = [s for s in states.values() if s.exists]
     if as_json:
         _echo_json({
@@ -347,7 +337,7 @@ def _check(report: rp.CheckReport, until: int | None, as_json: bool) -> None:
         _echo_json({"ok": report.ok, "events": report.events,
                     "digests_checked": report.digests_checked, "mismatch": report.mismatch})
     if report.mismatch is not None:
-        raise _Failure(f"replay check failed at {report.mismatch}")
+        raise Failure(f"replay check failed at {report.mismatch}")
     if not as_json:
         click.echo(f"ok: {report.digests_checked} recorded state digests match the replay "
                    f"({report.events} events, {len(report.states)} jobs{scope})")
@@ -393,7 +383,7 @@ def verify(expect_head: str | None, db: Path, as_json: bool) -> None:
     if not result.ok:
         where = "" if result.first_bad_position is None else \
             f" at position {result.first_bad_position}"
-        raise _Failure(f"verification failed{where}: {result.problem}")
+        raise Failure(f"verification failed{where}: {result.problem}")
 
 
 @main.command()
@@ -458,7 +448,7 @@ def checkpoints(job: str, save: int | None, out: Path | None, db: Path, as_json:
             try:
                 out.write_bytes(blob)
             except OSError as exc:
-                raise _Failure(f"cannot write {out}: {exc.strerror or exc}") from None
+                raise Failure(f"cannot write {out}: {exc.strerror or exc}") from None
             click.echo(f"saved checkpoint {save} of job {job} ({len(blob)} bytes, "
                        f"state {info.state_ref}) to {out}")
             return
@@ -488,9 +478,9 @@ def _control_command(name: str, done: str, summary: str, example: str) -> click.
     def command(job: str, timeout: float, db: Path) -> None:
         outcome = rp.control(db, job, name, timeout=timeout)  # type: ignore[arg-type]
         if outcome.outcome == "unanswered":
-            raise _Failure(outcome.reason, EXIT_UNANSWERED)
+            raise Failure(outcome.reason, EXIT_UNANSWERED)
         if outcome.outcome == "rejected":
-            raise _Failure(f"{name} rejected: {outcome.reason}")
+            raise Failure(f"{name} rejected: {outcome.reason}")
         state = "" if outcome.view is None else f": it is {outcome.view.status.value}"
         how = " (no runtime owns the log: decided directly)" \
             if outcome.decided_by == "direct" else ""
@@ -539,14 +529,14 @@ def schemas_command(check: bool, directory: Path | None) -> None:
     if directory is None:
         directory = schema_files.SOURCE_DIR
         if not directory.is_dir():
-            raise _Failure(f"no schemas directory at {directory} (flowactors does not run "
+            raise Failure(f"no schemas directory at {directory} (flowactors does not run "
                            f"from a source checkout); pass --dir")
     if check:
         problems = schema_files.differences(directory)
         if problems:
             for problem in problems:
                 click.echo(f"{directory / problem}", err=True)
-            raise _Failure(f"{len(problems)} schema file(s) in {directory} differ from the "
+            raise Failure(f"{len(problems)} schema file(s) in {directory} differ from the "
                            f"code; run `flowactors schemas` to regenerate them")
         click.echo(f"ok: the schemas in {directory} match the code")
         return

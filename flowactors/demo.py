@@ -13,22 +13,19 @@ unfinished demo, otherwise a fresh run starts in the next free name and no log i
 
 from __future__ import annotations
 
-import logging
 import re
 import shlex
 import shutil
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal, TextIO
 
 import click
 import msgspec
-import structlog
 
+from .console import Failure, quiet_logs
 from .errors import FlowError, LogCorrupted, StoreLocked
 from .events import JobSubmitted
 from .job import JobState, evolve, initial_state
@@ -339,31 +336,6 @@ class Display:
 # --- the command --------------------------------------------------------------------------------
 
 
-class _Failure(click.ClickException):
-    """A user-facing failure: one line, `error: ...`, on stderr (as the other subcommands)."""
-
-    def show(self, file: object = None) -> None:
-        click.echo(f"error: {self.message}", err=True)
-
-
-@contextmanager
-def _quiet_logs() -> Iterator[None]:
-    """Run as a subcommand, the `flowactors` group has set up logging (warnings to stderr, or
-    more with -v). Run on its own, keep the runtime's info lines off standard output in the
-    same way; restored afterwards (tests share the process)."""
-    context = click.get_current_context(silent=True)
-    if context is not None and context.parent is not None:
-        yield
-        return
-    previous = structlog.get_config()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-                        logger_factory=structlog.PrintLoggerFactory(sys.stderr))
-    try:
-        yield
-    finally:
-        structlog.configure(**previous)
-
-
 def _cmd(*words: str | Path) -> str:
     return " ".join(shlex.quote(str(w)) for w in (_program(), *words))
 
@@ -413,11 +385,11 @@ def demo(ctx: click.Context, db: Path, fresh: bool, n_jobs: int, n_iterations: i
         flowactors demo --jobs 2 --iterations 20 --db quick.db
     """
     out = sys.stdout
-    with _quiet_logs():
+    with quiet_logs():
         try:
             plan = plan_run(db, fresh=fresh, n_jobs=n_jobs, n_iterations=n_iterations)
         except FlowError as exc:
-            raise _Failure(f"{exc} (pass --db to use another file)") from None
+            raise Failure(f"{exc} (pass --db to use another file)") from None
         code = _run(plan, out, live=not plain and out.isatty())
     ctx.exit(code)
 
@@ -449,10 +421,10 @@ def _run(plan: RunPlan, out: TextIO, *, live: bool) -> int:
         try:
             rt = Runtime(plan.path)
         except StoreLocked as exc:
-            raise _Failure(
+            raise Failure(
                 f"{plan.path} is in use by another flowactors process ({exc})") from None
         except LogCorrupted as exc:
-            raise _Failure(str(exc)) from None
+            raise Failure(str(exc)) from None
         for job_id, spec in specs.items():
             state = plan.states.get(job_id)
             if state is None:
@@ -489,7 +461,7 @@ def _run(plan: RunPlan, out: TextIO, *, live: bool) -> int:
         display.finish()
         if rt is not None:
             rt.close()
-        raise _Failure(str(exc)) from None
+        raise Failure(str(exc)) from None
     return _summary(plan, views, time.monotonic() - started, out)
 
 

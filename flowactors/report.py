@@ -12,20 +12,17 @@ same log always gives the same bytes: nothing in the file comes from the clock o
 from __future__ import annotations
 
 import html
-import logging
 import shlex
-import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 import msgspec
-import structlog
 
+from .console import Failure, quiet_logs
 from .errors import FlowError, JobNotFound
-from .events import CheckpointSaved, IterationCompleted, JobCompleted, JobRecovered, RecordedEvent
+from .events import CheckpointSaved, IterationCompleted, JobRecovered, RecordedEvent
 from .job import JobState, evolve, initial_state
 from .store import EventStore
 
@@ -345,31 +342,6 @@ def write_report(data: ReportData, out: str | Path) -> Path:
 # --- the command ----------------------------------------------------------------------------------
 
 
-class _Failure(click.ClickException):
-    """A user-facing failure: one line, `error: ...`, on stderr (as the other subcommands)."""
-
-    def show(self, file: object = None) -> None:
-        click.echo(f"error: {self.message}", err=True)
-
-
-@contextmanager
-def _quiet_logs() -> Iterator[None]:
-    """Run as a subcommand, the `flowactors` group has set up logging (warnings to stderr, or
-    more with -v). Run on its own, keep the runtime's info lines off standard output in the
-    same way; restored afterwards (tests share the process)."""
-    context = click.get_current_context(silent=True)
-    if context is not None and context.parent is not None:
-        yield
-        return
-    previous = structlog.get_config()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-                        logger_factory=structlog.PrintLoggerFactory(sys.stderr))
-    try:
-        yield
-    finally:
-        structlog.configure(**previous)
-
-
 def _plotly_available() -> bool:
     try:
         import plotly  # noqa: F401
@@ -396,16 +368,16 @@ def report(job_ids: tuple[str, ...], db: Path, out: Path) -> None:
         flowactors report demo-0 demo-1 --db flow.db --out report.html
     """
     if not _plotly_available():
-        raise _Failure(INSTALL_HINT)
+        raise Failure(INSTALL_HINT)
     if out.suffix.lower() not in (".html", ".htm"):
-        raise _Failure(f"--out {out}: the report is an HTML file (name it *.html)")
-    with _quiet_logs():
+        raise Failure(f"--out {out}: the report is an HTML file (name it *.html)")
+    with quiet_logs():
         try:
             data = load_report(db, job_ids)
         except FlowError as exc:
-            raise _Failure(str(exc)) from None
+            raise Failure(str(exc)) from None
     if not data.jobs:
-        raise _Failure(f"{db} holds no jobs yet")
+        raise Failure(f"{db} holds no jobs yet")
     write_report(data, out)
     points = sum(len(j.iterations) for j in data.jobs)
     recovered = sum(len(j.recoveries) for j in data.jobs)

@@ -17,7 +17,6 @@ from flowactors.events import (
     JobFailed,
     JobPaused,
     JobRecovered,
-    JobResumed,
     JobStarted,
     JobSubmitted,
 )
