@@ -35,7 +35,7 @@ from .job import (
     fold,
     needs_saved_state,
 )
-from .rollouts import Deadlines, RolloutBatch, RolloutPool
+from .rollouts import Deadlines, RolloutBatch, RolloutPool, run_inline, runs_inline
 from .tasks import Task, Trajectory, state_decoder
 from .training import batch_for, split_data
 
@@ -61,6 +61,14 @@ class JobHost(Protocol):
 class _RolloutsDone(msgspec.Struct, frozen=True):
     iteration: int
     groups: list[list[Trajectory]]
+
+
+class _RunInline(msgspec.Struct, frozen=True):
+    """Run the next iteration on this thread (a task with inline rollouts): one message per
+    iteration, so requests queued meanwhile are handled between iterations."""
+
+
+_RUN_INLINE = _RunInline()
 
 
 class CancelRequest(msgspec.Struct, frozen=True):
@@ -93,6 +101,8 @@ class JobActor(pykka.ThreadingActor):
         self.start_command = start
         self.train, self.held_out = split_data(self.spec)
         self.trainer: Any = None
+        self.inline = runs_inline(task, self.spec)
+        self.never_cancelled = threading.Event()  # inline rollouts run to completion
         self.batch: RolloutBatch | None = None
         self.pause_requested = False
         self.stopped_with: BaseException | None = None
@@ -131,7 +141,12 @@ class JobActor(pykka.ThreadingActor):
             return None  # messages queued behind our own stop
         match message:
             case _RolloutsDone(iteration=iteration, groups=groups):
-                self._finish_iteration(iteration, groups)
+                if self.batch is not None and iteration == self.state.iteration + 1:
+                    self.batch = None
+                    if self._record_iteration(iteration, groups):
+                        self._continue()  # else: a late result of an abandoned batch
+            case _RunInline():
+                self._run_inline_iterations()
             case CancelRequest(reason=reason):
                 self._cancel(reason)
             case PauseRequest():
@@ -197,6 +212,8 @@ class JobActor(pykka.ThreadingActor):
             self._finish()
         elif self.pause_requested:
             self._pause()
+        elif self.inline:
+            self.actor_ref.tell(_RUN_INLINE)
         else:
             self._start_iteration()  # rollouts run in the pool: requests still get handled
 
@@ -216,10 +233,23 @@ class JobActor(pykka.ThreadingActor):
             on_complete=on_complete)
         self.batch.start()
 
-    def _finish_iteration(self, iteration: int, groups: list[list[Trajectory]]) -> None:
-        if self.batch is None or iteration != self.state.iteration + 1:
-            return  # a late result of an abandoned batch
-        self.batch = None
+    def _run_inline_iterations(self) -> None:
+        """Iterations back to back on this thread for as long as no message waits (a message
+        is handled after the iteration in progress, as with pool rollouts)."""
+        inbox = self.actor_inbox
+        while True:
+            iteration = self.state.iteration + 1
+            queries = batch_for(self.spec, self.train, iteration)
+            groups = run_inline(self.task, self.trainer, self.spec, iteration, queries,
+                                self.never_cancelled)
+            if not self._record_iteration(iteration, groups):
+                return
+            if self.state.status.is_terminal or not inbox.empty():
+                self._continue()
+                return
+
+    def _record_iteration(self, iteration: int, groups: list[list[Trajectory]]) -> bool:
+        """Update the trainer and record the iteration; False if the job stopped instead."""
         try:
             blobs: list[bytes] = []
             saved = None
@@ -231,16 +261,16 @@ class JobActor(pykka.ThreadingActor):
                     blobs.append(blob)
             except Exception as exc:
                 self._fail_task(exc)
-                return
+                return False
             result = _iteration_result(iteration, groups, metrics)
             events = decide(RecordIteration(result=result, saved=saved), self.state)
             releases = [r for e in events for r in getattr(e, "released", ())]
             fault_point("actor.checkpoint" if blobs else "actor.iteration")
             self._append(events, blobs, releases)
             self.trainer = trainer
-            self._continue()
+            return True
         except _Stopped:
-            pass
+            return False
 
     def _saved_state(self, trainer: Any, blob: bytes) -> SavedState:
         score = float(self.task.evaluate(trainer, self.held_out))
@@ -285,20 +315,32 @@ class _Stopped(Exception):
 
 def _iteration_result(iteration: int, groups: list[list[Trajectory]],
                       metrics: dict[str, float]) -> IterationCompleted:
-    trajectories = [t for g in groups for t in g]
-    ok = [t.reward for t in trajectories if not t.failed]
+    """The iteration's summary, in one pass over its trajectories (this runs every step)."""
+    n = n_failed = successes = tokens = 0
+    cost = 0.0
+    ok: list[float] = []
+    for group in groups:
+        for t in group:
+            n += 1
+            tokens += t.tokens
+            cost += t.cost_usd
+            if t.success:
+                successes += 1
+            if t.failed:
+                n_failed += 1
+            else:
+                ok.append(t.reward)
     mean = sum(ok) / len(ok) if ok else 0.0
     std = (sum((r - mean) ** 2 for r in ok) / len(ok)) ** 0.5 if ok else 0.0
-    extra = {k: float(v) for k, v in metrics.items() if k != "loss"}
     return IterationCompleted(
         iteration=iteration,
         avg_reward=mean,
         std_reward=std,
         loss=float(metrics.get("loss", 0.0)),
-        success_rate=sum(t.success for t in trajectories) / max(1, len(trajectories)),
-        metrics=extra,
-        n_trajectories=len(trajectories),
-        n_failed=sum(t.failed for t in trajectories),
-        tokens=sum(t.tokens for t in trajectories),
-        cost_usd=sum(t.cost_usd for t in trajectories),
+        success_rate=successes / max(1, n),
+        metrics={k: float(v) for k, v in metrics.items() if k != "loss"},
+        n_trajectories=n,
+        n_failed=n_failed,
+        tokens=tokens,
+        cost_usd=cost,
     )

@@ -118,6 +118,41 @@ class Deadlines:
             self._cond.notify()
 
 
+def run_rollout(task: Task, state: Any, spec: JobSpec, iteration: int, query: TrainingQuery,
+                query_index: int, index: int, cancelled: threading.Event) -> Trajectory:
+    """One rollout with its own generator; an exception becomes a failed trajectory."""
+    rng = rollout_rng(spec.config.seed, iteration, query_index, index)
+    try:
+        trajectory = task.rollout(state, query, rng=rng,
+                                  max_steps=spec.config.max_steps_per_trajectory,
+                                  cancelled=cancelled)
+        if not isinstance(trajectory, Trajectory):
+            raise TypeError(f"rollout returned {type(trajectory).__name__}, not Trajectory")
+    except Exception as exc:
+        trajectory = failed_trajectory(f"{type(exc).__name__}: {exc}")
+    return trajectory
+
+
+def runs_inline(task: Task, spec: JobSpec) -> bool:
+    """Whether a job's rollouts run on its own thread instead of the pool.
+
+    A task whose rollouts are short CPU work says so (`inline_rollouts = True`): under the GIL a
+    pool adds no parallelism for them, only two thread handoffs per iteration. A rollout
+    timeout needs the pool (a rollout on the job's own thread cannot be abandoned).
+    """
+    return bool(getattr(task, "inline_rollouts", False)) and spec.config.rollout_timeout_s is None
+
+
+def run_inline(task: Task, state: Any, spec: JobSpec, iteration: int,
+               queries: list[TrainingQuery], never: threading.Event
+               ) -> list[list[Trajectory]]:
+    """An iteration's rollouts one after another on the calling thread, in the batch's order
+    (`never`: the cancellation signal they are given, which nothing sets)."""
+    per_query = spec.config.n_trajectories_per_query
+    return [[run_rollout(task, state, spec, iteration, query, q, i, never)
+             for i in range(per_query)] for q, query in enumerate(queries)]
+
+
 class RolloutBatch:
     """One iteration's rollouts for one job; calls `on_complete(groups)` once, unless cancelled."""
 
@@ -178,16 +213,8 @@ class RolloutBatch:
         if signal.is_set():
             return
         query_index, index = divmod(unit, self._per_query)
-        rng = rollout_rng(self._spec.config.seed, self._iteration, query_index, index)
-        try:
-            trajectory = self._task.rollout(
-                self._state, self._queries[query_index], rng=rng,
-                max_steps=self._spec.config.max_steps_per_trajectory, cancelled=signal)
-            if not isinstance(trajectory, Trajectory):
-                raise TypeError(f"rollout returned {type(trajectory).__name__}, not Trajectory")
-        except Exception as exc:
-            trajectory = failed_trajectory(f"{type(exc).__name__}: {exc}")
-        self._resolve(unit, trajectory)
+        self._resolve(unit, run_rollout(self._task, self._state, self._spec, self._iteration,
+                                        self._queries[query_index], query_index, index, signal))
 
     def _resolve(self, unit: int, trajectory: Trajectory) -> None:
         with self._lock:

@@ -52,7 +52,7 @@ from .job import (
 )
 from .rollouts import Deadlines, RolloutPool
 from .spec import JobSpec, validate_spec
-from .store import EventStore
+from .store import GENESIS_HASH, EventStore
 from .tasks import build_task, state_decoder
 from .views import CheckpointInfo, JobStatus, JobView
 
@@ -61,6 +61,8 @@ log = structlog.get_logger(__name__)
 MAX_RESTARTS = 3
 INBOX_POLL_SECONDS = 0.1
 CONTROL_TIMEOUT_SECONDS = 600.0
+CHAIN_CHECK_PROCESS_EVENTS = 100_000
+"""From this many events on, an open checks the hash chain in another process meanwhile."""
 _WATCH_END = object()
 
 
@@ -327,13 +329,23 @@ class Runtime:
         checker = threading.Thread(target=lambda: storage.append(self.store.verify_storage()),
                                    daemon=True, name="flowactors-open-check")
         checker.start()
-        for recorded in self.store.read_all(verify_chain=True):
-            stream = recorded.stream
-            state = states.get(stream)
-            if state is None:
-                state = initial_state(stream)
-                self._order[stream] = recorded.position
-            states[stream] = evolve(state, recorded)
+        chain_check = (self.store.check_chain_meanwhile()
+                       if self.store.head()[0] >= CHAIN_CHECK_PROCESS_EVENTS else None)
+        try:
+            recorded = None
+            for recorded in self.store.read_all(verify_chain=chain_check is None):
+                stream = recorded.stream
+                state = states.get(stream)
+                if state is None:
+                    state = initial_state(stream)
+                    self._order[stream] = recorded.position
+                states[stream] = evolve(state, recorded)
+            if chain_check is not None:
+                chain_check.finish((recorded.position, recorded.hash) if recorded else
+                                   (0, GENESIS_HASH.hex()))
+        finally:
+            if chain_check is not None:
+                chain_check.cancel()
         checker.join()
         if not storage[0].ok:
             raise LogCorrupted(f"{self.path} fails verification: {storage[0].problem}; "
@@ -395,15 +407,21 @@ class Runtime:
     # --- JobHost: called on actor threads ---
 
     def publish(self, state: JobState, recorded: Sequence[RecordedEvent]) -> None:
+        """Serve the new state; wake waiters only when a status changed (they wait for
+        one), never on every iteration of every job."""
         job_id = state.job_id
+        before = self._views.get(job_id)
         self._states[job_id] = state
-        self._views[job_id] = view(state)
-        with self._changed:
-            for wanted, inbox in self._watchers:
-                if wanted is None or wanted == job_id:
-                    for item in recorded:
-                        inbox.put(item)
-            self._changed.notify_all()
+        current = self._views[job_id] = view(state)
+        if self._watchers:
+            with self._changed:
+                for wanted, inbox in self._watchers:
+                    if wanted is None or wanted == job_id:
+                        for item in recorded:
+                            inbox.put(item)
+        if before is None or before.status is not current.status:
+            with self._changed:
+                self._changed.notify_all()
 
     def actor_stopped(self, job_id: str, state: JobState, error: BaseException | None) -> None:
         with self._lock:

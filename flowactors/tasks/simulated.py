@@ -8,6 +8,7 @@ Options make it slow (`rollout_seconds`, honouring cancellation at once), flaky
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import random
@@ -45,10 +46,11 @@ class SimulatedState(msgspec.Struct, frozen=True, kw_only=True):
     rng: None = None
 
 
-def query_features(query: str) -> list[float]:
-    """A fixed pseudo-random feature vector per query text."""
+@functools.lru_cache(maxsize=4096)
+def query_features(query: str) -> tuple[float, ...]:
+    """A fixed pseudo-random feature vector per query text (cached: every rollout asks)."""
     raw = hashlib.sha256(query.encode()).digest()
-    return [(b - 127.5) / 127.5 for b in raw[:DIMENSIONS]]
+    return tuple((b - 127.5) / 127.5 for b in raw[:DIMENSIONS])
 
 
 class SimulatedTask:
@@ -59,6 +61,7 @@ class SimulatedTask:
 
     def __init__(self, options: SimulatedOptions) -> None:
         self.options = options
+        self.inline_rollouts = options.rollout_seconds == 0  # free rollouts: no pool needed
 
     def init(self, spec: JobSpec) -> SimulatedState:
         rng = random.Random(spec.config.seed)

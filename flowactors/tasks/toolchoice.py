@@ -335,6 +335,7 @@ class ToolChoiceTask:
 
     Options: ClassVar[type[msgspec.Struct]] = ToolChoiceOptions
     state_type: ClassVar[type] = ToolChoiceState
+    inline_rollouts: ClassVar[bool] = True  # a rollout is a few hundred µs of pure Python
 
     def __init__(self, options: ToolChoiceOptions) -> None:
         self.options = options
