@@ -27,7 +27,6 @@ import os
 import queue
 import sqlite3
 import threading
-import urllib.parse
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timezone
@@ -37,6 +36,8 @@ import msgspec
 import sqlite_utils
 import structlog
 
+from . import chain
+from .chain import GENESIS_HASH, read_only_uri, row_hash
 from .codec import decode_event, encode_event
 from .codec import digest as content_digest
 from .errors import (
@@ -70,9 +71,6 @@ log = structlog.get_logger(__name__)
 FORMAT_VERSION = 1
 """The layout of the file; stored in `meta` and in `PRAGMA user_version`."""
 APPLICATION_ID = 0x466C4163  # b"FlAc": PRAGMA application_id, bytes 68..71 of the file header
-GENESIS_HASH = bytes(32)
-"""The "previous hash" of the first event."""
-
 Mode = Literal["owner", "readonly", "requester"]
 Synchronous = Literal["full", "normal", "off"]
 Command = Literal["pause", "resume", "cancel"]
@@ -95,18 +93,6 @@ _STREAM_CHUNK = 256  # versions per query when reading one stream
 
 _frame = msgspec.msgpack.Encoder().encode
 _sha256 = hashlib.sha256
-
-
-def row_hash(prev: bytes, position: int, stream: str, version: int, type_: str,
-             schema_version: int, recorded_at: str, data: bytes) -> bytes:
-    """The chained hash of one event row.
-
-    SHA-256 over the MessagePack array ``[prev, position, stream, version, type,
-    schema_version, recorded_at, data]``: MessagePack frames every value with its type and length,
-    so no two different rows share an encoding. The first row's `prev` is `GENESIS_HASH`.
-    """
-    return _sha256(_frame((prev, position, stream, version, type_, schema_version,
-                           recorded_at, data))).digest()
 
 
 class Request(msgspec.Struct, frozen=True, kw_only=True):
@@ -309,7 +295,7 @@ def _check_header(path: str) -> bool:
         return False
     except OSError as exc:
         raise LogCorrupted(f"{path}: cannot read the file: {exc}") from None
-    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+    uri = read_only_uri(path)
     try:
         conn = sqlite3.connect(uri, uri=True)
         try:
@@ -518,7 +504,7 @@ class EventStore:
         self.path = os.fspath(path)
         self.mode: Mode = mode
         self.synchronous: Synchronous = synchronous
-        self._ro_uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro"
+        self._ro_uri = read_only_uri(self.path)
         self._closed = False  # close() was called
         self._stopped = False  # no more writes: closed, or the writer failed
         self._gate = threading.Lock()  # orders "stopped?" checks against queue puts
@@ -1078,20 +1064,32 @@ class EventStore:
 
     def _chained(self, batches: Iterable[list[Any]]) -> Iterator[list[Any]]:
         """Pass rows through, checking the hash chain and positions as they go by."""
-        prev, expected_position = GENESIS_HASH, 1
-        sha256, frame = _sha256, _frame
-        for rows in batches:
-            for position, stream, version, type_, schema_version, ts, data, hash_ in rows:
-                prev = sha256(frame((prev, position, stream, version, type_, schema_version,
-                                     ts, data))).digest()
-                if position != expected_position or prev != hash_:
-                    problem = (f"position {expected_position} is missing"
-                               if position != expected_position else
-                               "its hash does not match its content and the chain")
-                    raise LogCorrupted(f"{self.path}: the event at position {position} fails "
-                                       f"verification ({problem}); run `flowactors verify`")
-                expected_position += 1
-            yield rows
+        try:
+            yield from chain.checked(batches)
+        except chain.ChainBroken as exc:
+            raise LogCorrupted(f"{self.path}: {exc}; run `flowactors verify`") from None
+
+    def check_chain(self) -> None:
+        """Recompute the whole hash chain, without decoding events.
+
+        Raises:
+            LogCorrupted: naming the first row that breaks the chain, or a row unreadable.
+        """
+        try:
+            for _ in self._chained(self._batches(1, None)):
+                pass
+        except (sqlite3.DatabaseError, UnicodeError) as exc:
+            raise LogCorrupted(f"cannot read {self.path}: {exc}") from None
+
+    def check_chain_meanwhile(self) -> ChainCheck | None:
+        """Start checking the hash chain in a process of its own, so that a long replay on
+        this thread (`read_all()` without `verify_chain`) does not pay for it on a machine
+        with a second core; None if no process can be started (check here instead)."""
+        try:
+            return ChainCheck(self)
+        except OSError as exc:
+            log.warning("chain_check_process_unavailable", path=self.path, error=str(exc))
+            return None
 
     def _batches(self, from_position: int, to_position: int | None) -> Iterator[list[Any]]:
         """The rows of `read_all`, a few hundred at a time: fewer live rows than the garbage
@@ -1345,6 +1343,36 @@ class EventStore:
                                 problem=one_line(f"cannot read {self.path}: {exc}"))
         finally:
             conn.close()
+
+
+class ChainCheck:
+    """A hash-chain check running in another process (`EventStore.check_chain_meanwhile`)."""
+
+    def __init__(self, store: EventStore) -> None:
+        self._store = store
+        self._process = chain.CheckProcess(store.path)
+
+    def finish(self, seen: tuple[int, str]) -> None:
+        """Wait for the verdict on the log whose last event the caller saw at `seen`
+        (position, hash); checks here if the process gave none.
+
+        Raises:
+            LogCorrupted: the chain is broken, or the log was not the one replayed.
+        """
+        verdict = self._process.verdict()
+        path = self._store.path
+        if verdict is None:
+            log.warning("chain_check_process_failed", path=path)
+            self._store.check_chain()
+        elif not verdict["ok"]:
+            raise LogCorrupted(f"{path}: {verdict['problem']}; run `flowactors verify`")
+        elif (verdict["position"], verdict["hash"]) != seen:
+            raise LogCorrupted(
+                f"{path}: the chain was checked up to position {verdict['position']} but "
+                f"replayed up to position {seen[0]}: the log changed while it was opened")
+
+    def cancel(self) -> None:
+        self._process.kill()
 
 
 class _Verifier:
