@@ -52,7 +52,7 @@ from .job import (
 )
 from .rollouts import Deadlines, RolloutPool
 from .spec import JobSpec, validate_spec
-from .store import GENESIS_HASH, EventStore
+from .store import EventStore
 from .tasks import build_task, state_decoder
 from .views import CheckpointInfo, JobStatus, JobView
 
@@ -332,17 +332,18 @@ class Runtime:
         chain_check = (self.store.check_chain_meanwhile()
                        if self.store.head()[0] >= CHAIN_CHECK_PROCESS_EVENTS else None)
         try:
-            recorded = None
-            for recorded in self.store.read_all(verify_chain=chain_check is None):
+            n_events = 0
+            for recorded in self.store.read_all(verify_chain=chain_check is None,
+                                                hashes=chain_check is None):
                 stream = recorded.stream
                 state = states.get(stream)
                 if state is None:
                     state = initial_state(stream)
                     self._order[stream] = recorded.position
                 states[stream] = evolve(state, recorded)
+                n_events += 1
             if chain_check is not None:
-                chain_check.finish((recorded.position, recorded.hash) if recorded else
-                                   (0, GENESIS_HASH.hex()))
+                chain_check.finish(n_events, self.store.head())
         finally:
             if chain_check is not None:
                 chain_check.cancel()

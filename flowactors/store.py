@@ -202,7 +202,8 @@ _INSERT_ROWS = {
        + ") WHERE column1 IS NOT NULL"
     for n in (1 << k for k in range(_INSERT_MAX_ROWS.bit_length()))
 }
-_EVENT_COLUMNS = "position, stream, version, type, schema_version, recorded_at, data, hash"
+_EVENT_COLUMNS = chain.EVENT_COLUMNS
+_EVENT_COLUMNS_NO_HASH = _EVENT_COLUMNS.replace(", hash", ", ''")  # same shape, no hash read
 # One stream's events: point lookups in the (version, stream) index, version after version.
 _SELECT_STREAM = """
     WITH RECURSIVE wanted(v) AS (SELECT ?1 UNION ALL SELECT v + 1 FROM wanted WHERE v < ?2)
@@ -1039,7 +1040,7 @@ class EventStore:
             raise LogCorrupted(f"cannot read {self.path}: {exc}") from None
 
     def read_all(self, from_position: int = 1, to_position: int | None = None, *,
-                 verify_chain: bool = False) -> Iterator[RecordedEvent]:
+                 verify_chain: bool = False, hashes: bool = True) -> Iterator[RecordedEvent]:
         """Yield recorded events in position order, from `from_position` to `to_position`
         (inclusive; None: to the end of the log, including events appended meanwhile).
 
@@ -1050,17 +1051,18 @@ class EventStore:
             verify_chain: also recompute each row's hash from the previous one (from the
                 start of the log), so edited, removed or reordered events are refused, not
                 served: what a runtime does when it opens a log.
+            hashes: False leaves each event's `hash` empty: a replay that does not need them
+                (its chain checked elsewhere) reads a sixth less.
 
         Raises:
             LogCorrupted: a row does not decode, or (verify_chain) breaks the hash chain; the
                 message names its position.
         """
-        batches = self._batches(from_position, to_position)
-        if verify_chain:
-            if from_position > 1:
-                raise ValueError("verify_chain needs the whole log (from_position=1)")
-            batches = self._chained(batches)
-        return self._events(batches)
+        if verify_chain and (from_position > 1 or not hashes):
+            raise ValueError("verify_chain needs the whole log (from_position=1), with hashes")
+        batches = self._batches(from_position, to_position,
+                                _EVENT_COLUMNS if hashes else _EVENT_COLUMNS_NO_HASH)
+        return self._events(self._chained(batches) if verify_chain else batches)
 
     def _chained(self, batches: Iterable[list[Any]]) -> Iterator[list[Any]]:
         """Pass rows through, checking the hash chain and positions as they go by."""
@@ -1091,11 +1093,12 @@ class EventStore:
             log.warning("chain_check_process_unavailable", path=self.path, error=str(exc))
             return None
 
-    def _batches(self, from_position: int, to_position: int | None) -> Iterator[list[Any]]:
+    def _batches(self, from_position: int, to_position: int | None,
+                 columns: str = _EVENT_COLUMNS) -> Iterator[list[Any]]:
         """The rows of `read_all`, a few hundred at a time: fewer live rows than the garbage
         collector's threshold, so a long replay triggers no collection. Each chunk of
         _READ_CHUNK positions is its own query."""
-        sql = (f"SELECT {_EVENT_COLUMNS} FROM events WHERE position >= ? AND position <= ? "
+        sql = (f"SELECT {columns} FROM events WHERE position >= ? AND position <= ? "
                "ORDER BY position")
         start = max(from_position, 1)
         end = 0
@@ -1352,12 +1355,12 @@ class ChainCheck:
         self._store = store
         self._process = chain.CheckProcess(store.path)
 
-    def finish(self, seen: tuple[int, str]) -> None:
-        """Wait for the verdict on the log whose last event the caller saw at `seen`
-        (position, hash); checks here if the process gave none.
+    def finish(self, replayed: int, head: tuple[int, str]) -> None:
+        """Wait for the verdict on the log of which the caller replayed `replayed` events
+        up to `head` (position, hash); checks here if the process gave none.
 
         Raises:
-            LogCorrupted: the chain is broken, or the log was not the one replayed.
+            LogCorrupted: the chain is broken, or the log checked was not the one replayed.
         """
         verdict = self._process.verdict()
         path = self._store.path
@@ -1366,10 +1369,11 @@ class ChainCheck:
             self._store.check_chain()
         elif not verdict["ok"]:
             raise LogCorrupted(f"{path}: {verdict['problem']}; run `flowactors verify`")
-        elif (verdict["position"], verdict["hash"]) != seen:
+        elif not verdict["position"] == replayed == head[0] or verdict["hash"] != head[1]:
             raise LogCorrupted(
                 f"{path}: the chain was checked up to position {verdict['position']} but "
-                f"replayed up to position {seen[0]}: the log changed while it was opened")
+                f"{replayed} events were replayed and the head is at position {head[0]}: the "
+                f"log changed while it was opened")
 
     def cancel(self) -> None:
         self._process.kill()

@@ -6,6 +6,7 @@ import sqlite3
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 from helpers import sim_spec
 
@@ -87,3 +88,25 @@ def test_a_process_that_gives_no_verdict_is_replaced_by_a_check_here(
     bad = _edit_event(finished_log)
     with pytest.raises(fa.LogCorrupted, match=f"position {bad} fails verification"):
         fa.Runtime(finished_log, handle_signals=False).close()
+
+
+def test_a_replay_without_hashes_reads_the_same_events(finished_log):
+    with EventStore(finished_log, mode="readonly") as store:
+        with_hashes = list(store.read_all())
+        without = list(store.read_all(hashes=False))
+        with pytest.raises(ValueError, match="with hashes"):
+            store.read_all(verify_chain=True, hashes=False)
+    assert all(r.hash for r in with_hashes) and not any(r.hash for r in without)
+    assert [msgspec.structs.replace(r, hash="") for r in with_hashes] == without
+
+
+def test_a_verdict_on_another_head_than_the_one_replayed_is_refused(finished_log):
+    with EventStore(finished_log, mode="readonly") as store:
+        head = store.head()
+        check = store.check_chain_meanwhile()
+        assert check is not None
+        with pytest.raises(fa.LogCorrupted, match="changed while it was opened"):
+            check.finish(head[0] - 1, head)
+        check = store.check_chain_meanwhile()
+        assert check is not None
+        check.finish(head[0], head)  # the same log: accepted

@@ -106,22 +106,6 @@ def fa_settings(rt_or_store: Any) -> str:
     return store._call_in_writer(query).result()
 
 
-def fa_close(rt: Any) -> None:
-    """Close a runtime after its inbox thread has stopped.
-
-    Runtime.close() does not wait for the inbox thread, and the store then closes that
-    thread's read connection, possibly while it runs a query: the process can crash
-    (SIGSEGV). Stopping and joining the thread first (up to one poll interval) avoids it; this
-    runs outside every timed section.
-    """
-    stop = getattr(rt, "_inbox_stop", None)
-    thread = getattr(rt, "_inbox_thread", None)
-    if stop is not None and thread is not None:
-        stop.set()
-        thread.join()
-    rt.close()
-
-
 def fa_steps(directory: Path, n_jobs: int, n_iterations: int, synchronous: str) -> dict:
     import flowactors as fa
     rt = fa.Runtime(directory / "steps.db", max_concurrent_jobs=n_jobs,
@@ -135,7 +119,7 @@ def fa_steps(directory: Path, n_jobs: int, n_iterations: int, synchronous: str) 
         settings = fa_settings(rt)
         iterations = sum(v.progress.current_iteration for v in views)
     finally:
-        fa_close(rt)
+        rt.close()
     assert all(v.status is fa.JobStatus.COMPLETED for v in views), views[0]
     return {"seconds": elapsed, "iterations": iterations, "per_s": iterations / elapsed,
             "settings": settings}
@@ -196,7 +180,7 @@ def fa_recover(path: Path, n_jobs: int, synchronous: str, paused: bool) -> dict:
         settings = fa_settings(rt)
         events = rt.store.head()[0]
     finally:
-        fa_close(rt)
+        rt.close()
     return {"seconds": ready, "open_s": opened, "events": events, "settings": settings}
 
 
@@ -216,7 +200,7 @@ def fa_status(directory: Path, n_jobs: int, seconds: float, synchronous: str) ->
         after = sum(rt.status(j).progress.current_iteration for j in ids)
         result["settings"] = fa_settings(rt)
     finally:
-        fa_close(rt)
+        rt.close()
     result["iterations_per_s_meanwhile"] = (after - before) / elapsed
     return result
 
