@@ -415,3 +415,55 @@ def test_final_state_blob_matches_its_digest(tmp_path):
         final = [r.event for r in rt.history(job_id)][-1]
         blob = rt.store.get_blob(final.final_state_ref)
     assert codec.digest(blob) == final.final_state_digest
+
+
+@pytest.fixture
+def rollout_threads(monkeypatch) -> list[str]:
+    """The names of the threads the `simulated` task's rollouts and updates ran on."""
+    from flowactors.tasks.simulated import SimulatedTask
+    seen: list[str] = []
+    rollout, update = SimulatedTask.rollout, SimulatedTask.update
+
+    def recording_rollout(self, *args, **kwargs):
+        seen.append(f"rollout@{threading.current_thread().name}")
+        return rollout(self, *args, **kwargs)
+
+    def recording_update(self, *args, **kwargs):
+        seen.append(f"update@{threading.current_thread().name}")
+        return update(self, *args, **kwargs)
+
+    monkeypatch.setattr(SimulatedTask, "rollout", recording_rollout)
+    monkeypatch.setattr(SimulatedTask, "update", recording_update)
+    return seen
+
+
+@pytest.mark.parametrize("config, inline", [
+    ({}, True),  # free rollouts: the task asks for inline rollouts
+    ({"task_options": {"rollout_seconds": 0.001}}, False),  # slow ones use the pool
+    ({"rollout_timeout_s": 5.0}, False),  # a timeout needs the pool
+])
+def test_inline_rollouts_run_on_the_jobs_own_thread(tmp_path, rollout_threads, config, inline):
+    with open_runtime(tmp_path / "flow.db") as rt:
+        view = rt.wait(rt.submit(sim_spec(n_iterations=3, **config)), timeout=30)
+    assert view.status is fa.JobStatus.COMPLETED
+    updates = {name.split("@")[1] for name in rollout_threads if name.startswith("update@")}
+    rollouts = {name.split("@")[1] for name in rollout_threads if name.startswith("rollout@")}
+    assert len(updates) == 1 and rollouts
+    assert (rollouts == updates) is inline, (rollouts, updates)
+
+
+@pytest.mark.parametrize("command", ["cancel", "pause"])
+def test_a_job_with_inline_rollouts_obeys_a_request_between_iterations(tmp_path, command):
+    """Iterations run back to back on the job's thread, yet a request waiting in its inbox
+    is handled after the iteration in progress: the job stops long before its end."""
+    spec = sim_spec(n_iterations=1_000_000, checkpoint_interval=1_000_000)
+    with open_runtime(tmp_path / "flow.db") as rt:
+        job_id = rt.submit(spec)
+        wait_until(lambda: rt.status(job_id).progress.current_iteration >= 3)
+        view = getattr(rt, command)(job_id)
+        iterations = [r.event.iteration for r in rt.history(job_id)
+                      if isinstance(r.event, IterationCompleted)]
+    expected = fa.JobStatus.CANCELLED if command == "cancel" else fa.JobStatus.PAUSED
+    assert view.status is expected
+    assert iterations == list(range(1, len(iterations) + 1))
+    assert view.progress.current_iteration == len(iterations) < 1_000_000
