@@ -319,6 +319,22 @@ def _check_header(path: str) -> bool:
     return True
 
 
+def _head_of(path: str, row: Any) -> tuple[int, bytes]:
+    """The (position, hash) of the last event row, or the genesis head of an empty log.
+
+    Raises:
+        LogCorrupted: the row is damaged (a page cut short reads as zeros: a NULL hash), so
+            an open or `status` fails with one line instead of a TypeError.
+    """
+    if row is None:
+        return 0, GENESIS_HASH
+    position, hash_ = row
+    if type(hash_) is not bytes or len(hash_) != len(GENESIS_HASH):
+        raise LogCorrupted(f"{path}: the last event row, at position {position}, is damaged "
+                           f"(its hash is not 32 bytes); run `flowactors verify`")
+    return position, hash_
+
+
 def _check_format_version(path: str, version: int) -> None:
     if version > FORMAT_VERSION:
         raise LogCorrupted(
@@ -567,6 +583,9 @@ class EventStore:
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if not exists:
                 _create_schema(conn)
+                # Into the main file at once: until a checkpoint the whole log, tables included,
+                # is in the -wal, and a lost -wal would leave an empty database, not a log.
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                 log.info("log_created", path=self.path, format_version=FORMAT_VERSION)
             if mode != "wal":
                 raise StoreUnavailable(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
@@ -589,7 +608,11 @@ class EventStore:
     def _open_other(self) -> None:
         if not _check_header(self.path):
             if os.path.exists(self.path):
-                raise LogCorrupted(f"{self.path} is an empty file, not a flowactors log")
+                if os.path.getsize(self.path) == 0:
+                    raise LogCorrupted(f"{self.path} is an empty file, not a flowactors log")
+                raise LogCorrupted(
+                    f"{self.path} is an empty SQLite database, not a flowactors log (its "
+                    f"creation never committed, or the -wal file that held it is lost)")
             raise LogNotFound(f"no flowactors log at {self.path}")
         self._validate_read_only()
         if self.mode == "requester":
@@ -617,7 +640,7 @@ class EventStore:
             conn.execute("SELECT stream, max(version) FROM events GROUP BY stream").fetchall())
         row = conn.execute(
             "SELECT position, hash FROM events ORDER BY position DESC LIMIT 1").fetchone()
-        self._head = (row[0], bytes(row[1])) if row else (0, GENESIS_HASH)
+        self._head = _head_of(self.path, row)
 
     def close(self) -> None:
         """Finish queued appends, stop the writer, close every connection; idempotent.
@@ -1177,9 +1200,8 @@ class EventStore:
             position, hash_ = self._head
             return position, hash_.hex()
         rows = self._query("SELECT position, hash FROM events ORDER BY position DESC LIMIT 1")
-        if not rows:
-            return 0, GENESIS_HASH.hex()
-        return rows[0][0], bytes(rows[0][1]).hex()
+        position, hash_ = _head_of(self.path, rows[0] if rows else None)
+        return position, hash_.hex()
 
     def get_blob(self, digest: str) -> bytes:
         """The blob stored under this digest.
@@ -1304,7 +1326,9 @@ class EventStore:
 
     def verify_storage(self) -> VerifyReport:
         """Check what a replay does not read: every blob against its address, and SQLite's
-        quick_check of every page. The hash chain is checked by `read_all(verify_chain=True)`.
+        integrity_check of every page and index (quick_check does not match indexes against
+        their tables: an open passed a log that verify refused). The hash chain is checked by
+        `read_all(verify_chain=True)`.
 
         SQLite and hashlib release the GIL for this work, so a runtime runs it on another
         thread while it replays the log. Never raises for a corrupt log.
@@ -1384,7 +1408,7 @@ class _Verifier:
 
     def __init__(self, path: str, conn: sqlite3.Connection, expected: bytes | None,
                  progress: Callable[[int, int], None] | None, events: bool = True) -> None:
-        self.events = events  # False: blobs and pages only (quick_check), for an open
+        self.events = events  # False: blobs, pages and indexes only, for an open
         self.path = path
         self.conn = conn
         self.expected = expected
@@ -1419,10 +1443,9 @@ class _Verifier:
             problem = self.check_blobs()
             if problem is not None:
                 return self.report(problem)
-            check = "integrity_check" if self.events else "quick_check"
-            lines = [r[0] for r in self.conn.execute(f"PRAGMA {check}").fetchall()]
+            lines = [r[0] for r in self.conn.execute("PRAGMA integrity_check").fetchall()]
             if lines != ["ok"]:
-                return self.report(f"SQLite {check}: {'; '.join(lines[:5])}")
+                return self.report(f"SQLite integrity_check: {'; '.join(lines[:5])}")
         except (sqlite3.DatabaseError, UnicodeError) as exc:
             at = self.events_checked + 1  # the event being read, unless all were read already
             return self.report(f"SQLite error reading {self.path}: {exc}",
