@@ -22,20 +22,28 @@ and is then opened four ways, each with a timeout (a timeout is a hang):
     store         EventStore(copy, mode="readonly"), verify(), and reading every event
     cli-verify    flowactors verify --db copy
     cli-status    flowactors status --db copy
-    runtime       Runtime(copy, handle_signals=False), opened and closed (last: it may write)
+    runtime       Runtime(copy, handle_signals=False), opened and closed (last: it may write),
+                  then the copy as it left it: verify() and every event read again
 
 Allowed: the copy works and verify is clean, and its events are a prefix of the original's,
 byte-identical (the damage hit unused space, or a WAL tail SQLite discards); or a `FlowError`
-with a one-line message (the CLI: non-zero exit, one `error:` line on stderr). Forbidden: a
-hang, a traceback, verify passing events that differ from the original's, a command or a
-runtime serving a log that verify rejects without saying so.
+with a one-line message (the CLI: non-zero exit, one `error:` line on stderr). A runtime is
+judged by the copy it leaves: verify clean, and the events it found on opening (those before
+the head it opened at; it then appends recoveries and resumed jobs' iterations) a prefix of
+the original's — or none, when there was no log to find (an empty file, or an empty database:
+a killed owner's log whose `-wal`, holding even its tables, was lost; it starts a new log).
+Forbidden: a hang, a traceback, verify passing events that differ from the original's, a
+command or a runtime serving a log that verify rejects without saying so, a runtime serving
+other events than the read-only store read from the same copy.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -48,7 +56,7 @@ import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,15 +77,16 @@ INTACT = "works: events intact"
 PREFIX = "works: a verified prefix"
 REJECTED = "rejected: one-line FlowError"
 VERIFY_REJECTS = "opens, verify reports the damage"
-NEW_LOG = "runtime: a new log in the empty file"
+NEW_LOG = "runtime: a new log where there was none"
 WARNED = "runtime: opens, logs a warning"
 HANG = "FORBIDDEN: hang"
 RAW = "FORBIDDEN: raw exception or traceback"
 MULTILINE = "FORBIDDEN: error not one line"
 SILENT = "FORBIDDEN: served data verify rejects, silently"
 ACCEPTED = "FORBIDDEN: verify passed altered events"
+DIVERGED = "FORBIDDEN: runtime served other events than the store read"
 OUTCOMES = (INTACT, PREFIX, REJECTED, VERIFY_REJECTS, NEW_LOG, WARNED, HANG, RAW, MULTILINE,
-            SILENT, ACCEPTED)
+            SILENT, ACCEPTED, DIVERGED)
 
 
 # --- fingerprints of events, so a probe can report what it read in a few bytes ------------------
@@ -99,7 +108,6 @@ def fingerprint(recorded: object) -> str:
 
 def probe_main(path: str, steps: list[str]) -> int:
     import faulthandler
-    import logging
 
     faulthandler.enable()  # a crash leaves its stacks on stderr, for the details file
 
@@ -149,11 +157,11 @@ def _probe_store(path: str) -> dict[str, object]:
 
 
 def _probe_runtime(path: str) -> dict[str, object]:
-    import structlog.testing
-
+    """Open and close a Runtime, then read the copy as it left it (`after`, the store probe):
+    the runtime may have written (recovered the WAL, created a log, appended recoveries)."""
     import flowactors as fa
 
-    with structlog.testing.capture_logs() as logs:
+    with _every_log() as logs:
         try:
             rt = fa.Runtime(path, handle_signals=False)
         except fa.FlowError as exc:
@@ -165,7 +173,36 @@ def _probe_runtime(path: str) -> dict[str, object]:
         rt.close()
     warned = [f"{e.get('log_level')}: {e.get('event')} {e.get('error', '')}" for e in logs
               if e.get("log_level") in ("warning", "error", "critical")]
-    return {"open": "ok", "jobs": jobs, "warned": warned}
+    return {"open": "ok", "jobs": jobs, "warned": warned, "head": _opened_head(logs),
+            "after": _probe_store(path)}
+
+
+@contextlib.contextmanager
+def _every_log() -> Iterator[list[dict[str, object]]]:
+    """Capture every log entry, down to debug: the probe's filter (critical only) would drop
+    warnings and the owner's `store_opened` before any capture saw them."""
+    import structlog
+    import structlog.testing
+
+    previous = structlog.get_config()["wrapper_class"]
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    try:
+        with structlog.testing.capture_logs() as logs:
+            yield logs
+    finally:
+        structlog.configure(wrapper_class=previous)
+
+
+def _opened_head(logs: list[dict[str, object]]) -> int:
+    """The head position the owner found on opening, before the runtime appended anything:
+    what it served is the copy's events up to there."""
+    for entry in logs:
+        if entry.get("event") == "store_opened" and entry.get("mode") == "owner":
+            head = entry.get("head_position")
+            if isinstance(head, int):
+                return head
+    raise RuntimeError("the owner's store_opened log entry with its head_position is missing: "
+                       "cannot tell the events the runtime found from those it appended")
 
 
 def _probe_cli(args: list[str]) -> Callable[[str], dict[str, object]]:
@@ -409,9 +446,16 @@ def classify_store(result: dict[str, object], original: list[str]) -> str:
     if events is None:  # verify passed, yet reading failed: verify missed the damage
         return ACCEPTED
     assert isinstance(events, list)
-    if events != original[:len(events)]:
+    if not is_prefix(events, original):
         return ACCEPTED
     return INTACT if len(events) == len(original) else PREFIX
+
+
+def is_prefix(events: list[str], original: list[str]) -> bool:
+    """`events` (fingerprints, in position order) are the original's first events,
+    byte-identical. Positions and hashes are in the fingerprints, so a prefix of the log is a
+    prefix of each of its streams, with the same hashes."""
+    return len(events) <= len(original) and events == original[:len(events)]
 
 
 def classify_cli(result: dict[str, object], store: str) -> str:
@@ -429,20 +473,35 @@ def classify_cli(result: dict[str, object], store: str) -> str:
     return MULTILINE
 
 
-def classify_runtime(result: dict[str, object], store: str, empty: bool) -> str:
-    """A Runtime's outcome, given the store's; `empty`: the damaged main file is empty."""
+def classify_runtime(result: dict[str, object], store_result: dict[str, object],
+                     original: list[str]) -> str:
+    """A Runtime's outcome, judged by the copy it left (`result["after"]`), not by the store's
+    read-only look before: an owner's read-write open may legitimately see another file (it
+    creates a log where there was none). `store_result`: the store probe of the copy before."""
     if result.get("hang"):
         return HANG
     if "raw" in result:
         return RAW
     if result.get("open") == "error":
         return REJECTED if _one_line(result.get("message")) else MULTILINE
-    if store in (INTACT, PREFIX):
-        return store
-    if empty and result.get("jobs") == 0:
-        return NEW_LOG  # an owner makes a new log in an empty file, as after a crash there
-    said = " ".join(map(str, result.get("warned") or [])).lower()  # type: ignore[arg-type]
-    return WARNED if any(w in said for w in ("corrupt", "verif", "hash")) else SILENT
+    after = result.get("after")
+    assert isinstance(after, dict)
+    if "raw" in after:
+        return RAW
+    events, head = after.get("events"), result.get("head")
+    if after.get("open") != "ok" or not after.get("verify_ok") or events is None:
+        said = " ".join(map(str, result.get("warned") or [])).lower()  # type: ignore[arg-type]
+        return WARNED if any(w in said for w in ("corrupt", "verif", "hash")) else SILENT
+    assert isinstance(events, list) and isinstance(head, int)
+    served = events[:head]  # the rest, the runtime appended itself
+    if not is_prefix(served, original):
+        return ACCEPTED
+    store = classify_store(store_result, original)
+    if store in (INTACT, PREFIX) and served != store_result.get("events"):
+        return DIVERGED
+    if not served and store == REJECTED:
+        return NEW_LOG  # an owner makes a new log in an empty file or database
+    return INTACT if len(served) == len(original) else PREFIX
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -474,7 +533,8 @@ class Figures:
             f"damaged copies: {self.copies} ({kinds})",
             head, *rows,
             f"hangs: {self.count(HANG)}, raw tracebacks: {self.count(RAW)}, "
-            f"silently accepted corruptions: {self.count(SILENT) + self.count(ACCEPTED)}, "
+            f"silently accepted corruptions: "
+            f"{self.count(SILENT) + self.count(ACCEPTED) + self.count(DIVERGED)}, "
             f"errors not one line: {self.count(MULTILINE)}",
             f"time: {self.seconds:.0f} s",
         ]
@@ -497,7 +557,7 @@ def check_copy(original: Original, files: dict[str, bytes], what: str, cdir: Pat
         "store": store,
         "cli-verify": classify_cli(results["cli-verify"], store),
         "cli-status": classify_cli(results["cli-status"], store),
-        "runtime": classify_runtime(results["runtime"], store, empty=not files.get("")),
+        "runtime": classify_runtime(results["runtime"], results["store"], original.events),
     }
     if any(o.startswith("FORBIDDEN") for o in outcomes.values()):
         (cdir / "details.json").write_text(json.dumps(
