@@ -29,6 +29,7 @@ from flowactors.events import (
     JobSubmitted,
 )
 from flowactors import codec
+from flowactors.console import quiet_logs
 from flowactors.store import EventStore
 from flowactors.tasks.simulated import SimulatedOptions, SimulatedTask
 
@@ -166,4 +167,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with quiet_logs():  # the runtime's info lines would drown the figures
+        sys.exit(main())
