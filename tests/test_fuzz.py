@@ -8,13 +8,11 @@ changes no job, and its answer says why.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
-import structlog
 from helpers import sim_spec, wait_until
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -35,12 +33,7 @@ def fuzz(examples: int) -> settings:
                                            HealthCheck.function_scoped_fixture])
 
 
-@pytest.fixture(autouse=True)
-def quiet_logs():
-    previous = structlog.get_config()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
-    yield
-    structlog.configure(**previous)
+pytestmark = pytest.mark.usefixtures("quiet_logs")
 
 
 # --- strategies ---------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ racing to own a log — and a regression test for each problem these harnesses f
 
 from __future__ import annotations
 
-import logging
 import sqlite3
 import subprocess
 import sys
@@ -13,7 +12,6 @@ import threading
 from pathlib import Path
 
 import pytest
-import structlog
 from click.testing import CliRunner
 from helpers import sim_spec, wait_until
 
@@ -30,13 +28,7 @@ import crashtest  # noqa: E402
 import damage  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def quiet_logs():
-    """The store logs every open; keep the output to what a failure needs."""
-    previous = structlog.get_config()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
-    yield
-    structlog.configure(**previous)
+pytestmark = pytest.mark.usefixtures("quiet_logs")
 
 
 # --- crash injection --------------------------------------------------------------------------
