@@ -64,8 +64,8 @@ class _RolloutsDone(msgspec.Struct, frozen=True):
 
 
 class _RunInline(msgspec.Struct, frozen=True):
-    """Run the next iteration on this thread (a task with inline rollouts): one message per
-    iteration, so requests queued meanwhile are handled between iterations."""
+    """Run iterations on this thread (a task with inline rollouts) until a message waits: sent
+    behind that message, so it is handled first."""
 
 
 _RUN_INLINE = _RunInline()
@@ -141,10 +141,11 @@ class JobActor(pykka.ThreadingActor):
             return None  # messages queued behind our own stop
         match message:
             case _RolloutsDone(iteration=iteration, groups=groups):
-                if self.batch is not None and iteration == self.state.iteration + 1:
-                    self.batch = None
-                    if self._record_iteration(iteration, groups):
-                        self._continue()  # else: a late result of an abandoned batch
+                if self.batch is None or iteration != self.state.iteration + 1:
+                    return None  # a late result of an abandoned batch
+                self.batch = None
+                if self._record_iteration(iteration, groups):
+                    self._continue()
             case _RunInline():
                 self._run_inline_iterations()
             case CancelRequest(reason=reason):
