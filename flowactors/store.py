@@ -91,7 +91,7 @@ _CHECKPOINT_ROWS = 4_096
 _WRITER_AUTOCHECKPOINT_PAGES = 50_000
 _STREAM_CHUNK = 256  # versions per query when reading one stream
 
-_frame = msgspec.msgpack.Encoder().encode
+_frame = msgspec.msgpack.Encoder().encode  # the writer inlines `row_hash` (its hot loop)
 _sha256 = hashlib.sha256
 
 
@@ -1461,8 +1461,6 @@ class _Verifier:
         next_position = 1
         versions: dict[str, int] = {}
         total = self.head_position
-        frame = _frame
-        sha256 = _sha256
         last_ts = None
         while True:
             rows = self.conn.execute(
@@ -1473,8 +1471,8 @@ class _Verifier:
                 if position != next_position:
                     return self.report(f"position {next_position} is missing (the next event "
                                        f"is at position {position})", next_position)
-                actual = sha256(frame((prev, position, stream, version, type_, schema_version,
-                                       ts, data))).digest()
+                actual = row_hash(prev, position, stream, version, type_, schema_version, ts,
+                                  data)
                 if actual != hash_:
                     return self.report(
                         f"event at position {position} does not match its hash: the row was "
