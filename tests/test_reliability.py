@@ -427,8 +427,12 @@ def test_full_disk_stops_jobs_keeps_acknowledged_events_and_reopen_resumes(tmp_p
         assert all("full" in e and job_id in e for job_id, e in errors.items()), errors
         views = {job_id: rt.status(job_id) for job_id in FULL_DISK_SPECS}
         assert all(v.status is fa.JobStatus.RUNNING for v in views.values()), views
+        # nothing more fits either: a submission spanning several pages, since the space
+        # left in the last pages depends on which append failed first
+        late = fa.JobSpec(agent_id="late", task="simulated", training_data=[
+            fa.TrainingQuery(query=f"a long query {i} " + "x" * 200) for i in range(100)])
         with pytest.raises(fa.StoreUnavailable, match="full"):
-            rt.submit(sim_spec("late"), job_id="late")  # nothing more fits either
+            rt.submit(late, job_id="late")
     finally:
         rt.close()
     reader.join(timeout=10)
