@@ -197,6 +197,51 @@ def fold(events: Iterable[RecordedEvent], state: JobState | None = None) -> JobS
     return state
 
 
+def fold_log(events: Iterable[RecordedEvent]) -> dict[str, JobState]:
+    """Every job's state from events of any number of jobs in log order (dict in order of
+    each job's first event): what `evolve` event by event gives, in a fraction of the time.
+
+    Most of a training log is runs of one job's consecutive `IterationCompleted` events, and
+    evolving through a run only keeps its last event's fields and the sums of its tokens and
+    costs. So a run is summed as it goes by and applied in one step when it ends (at the job's
+    next other event, or at the end), with the same additions in the same order.
+    """
+    states: dict[str, JobState] = {}
+    runs: dict[str, list[Any]] = {}  # job -> [last RecordedEvent, tokens, cost_usd] of its run
+    for recorded in events:
+        stream = recorded.stream
+        event = recorded.event
+        if type(event) is IterationCompleted:
+            run = runs.get(stream)
+            if run is not None:
+                run[0] = recorded
+                run[1] += event.tokens
+                run[2] += event.cost_usd
+                continue
+            state = states.get(stream)
+            if state is None:
+                state = states[stream] = initial_state(stream)
+            runs[stream] = [recorded, state.tokens + event.tokens, state.cost_usd + event.cost_usd]
+            continue
+        state = states.get(stream)
+        if state is None:
+            state = initial_state(stream)
+        elif stream in runs:
+            state = _end_run(state, runs.pop(stream))
+        states[stream] = evolve(state, recorded)
+    for stream, run in runs.items():
+        states[stream] = _end_run(states[stream], run)
+    return states
+
+
+def _end_run(state: JobState, run: list[Any]) -> JobState:
+    """`state` evolved through a run of iterations: `fold_log`'s one step for the run."""
+    last, tokens, cost_usd = run
+    return replace(state, version=last.version, position=last.position,
+                   iteration=last.event.iteration, metrics=_iteration_metrics(last.event),
+                   tokens=tokens, cost_usd=cost_usd)
+
+
 def state_digest(state: JobState) -> Digest:
     """Digest of the job's folded state, without its timestamps.
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
+from hypothesis import given as given_
+from hypothesis import settings
+from hypothesis import strategies as st
 
 from flowactors.errors import InvalidTransition, SpecError
 from flowactors.events import (
@@ -19,10 +23,13 @@ from flowactors.events import (
     JobRecovered,
     JobStarted,
     JobSubmitted,
+    RecordedEvent,
+    event_tag,
 )
 from flowactors.job import (
     Cancel,
     Fail,
+    JobState,
     Pause,
     RecordIteration,
     Recover,
@@ -31,16 +38,21 @@ from flowactors.job import (
     Start,
     Submit,
     decide,
+    evolve,
+    fold_log,
     initial_state,
     recorded_digest,
     state_digest,
     view,
 )
 from flowactors.spec import GRPOConfig, JobSpec, TrainingQuery
-from flowactors.testing import given, then
+from flowactors.testing import given, load_history, then
 from flowactors.views import JobStatus
 
 AT = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+HISTORIES = Path(__file__).parent / "histories"
 
 
 def make_spec(**config) -> JobSpec:
@@ -250,3 +262,50 @@ def test_cancel_records_the_iteration_reached():
     state, _ = run_iterations(given(JobSubmitted(spec=make_spec()), JobStarted()), 2)
     (event,) = decide(Cancel(reason="user"), state)
     assert isinstance(event, JobCancelled) and event.iteration == 2 and event.reason == "user"
+
+
+# --- fold_log: a whole log's states, runs of iterations folded in one step ------------------------
+
+_HISTORY_EVENTS = [r.event for path in sorted(HISTORIES.glob("*.jsonl"))
+                   for r in load_history(path)]
+
+
+def _evolved_one_by_one(events: list[RecordedEvent]) -> dict[str, JobState]:
+    states: dict[str, JobState] = {}
+    for recorded_event in events:
+        state = states.get(recorded_event.stream) or initial_state(recorded_event.stream)
+        states[recorded_event.stream] = evolve(state, recorded_event)
+    return states
+
+
+def _log(picks: list[tuple[int, int]]) -> list[RecordedEvent]:
+    """Events of the recorded histories, dealt to three jobs in the order picked."""
+    versions: dict[str, int] = {}
+    log = []
+    for position, (job, index) in enumerate(picks, start=1):
+        stream = f"job-{job}"
+        event = _HISTORY_EVENTS[index]
+        versions[stream] = versions.get(stream, 0) + 1
+        log.append(RecordedEvent(
+            position=position, stream=stream, version=versions[stream],
+            type=event_tag(type(event)), schema_version=type(event).schema_version,
+            recorded_at=datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(seconds=position),
+            event=event))
+    return log
+
+
+@settings(max_examples=300, deadline=None)
+@given_(st.lists(st.tuples(st.integers(0, 2), st.integers(0, len(_HISTORY_EVENTS) - 1)),
+                 max_size=60))
+def test_fold_log_gives_the_states_evolve_gives_one_event_at_a_time(picks):
+    log = _log(picks)
+    folded = fold_log(log)
+    one_by_one = _evolved_one_by_one(log)
+    assert folded == one_by_one
+    assert list(folded) == list(one_by_one)  # jobs in the order of their first event
+
+
+def test_fold_log_of_recorded_histories_matches_evolve():
+    for path in sorted(HISTORIES.glob("*.jsonl")):
+        log = load_history(path)
+        assert fold_log(log) == _evolved_one_by_one(log), path.name
