@@ -1,7 +1,7 @@
 """The log's hash chain: how a row's hash is computed, and a check of a whole log.
 
 Standalone on purpose (sqlite3, hashlib, msgspec; nothing else of the package): a runtime
-opening a long log runs this file as a process of its own (`python chain.py LOG`) while it
+opening a long log runs this file as a process of its own (`python chain.py LOG UPTO`) while it
 replays the log itself, so on a machine with a second core the check adds no time to the open.
 The process prints one JSON line: the verified head, or the first row that breaks the chain.
 """
@@ -76,20 +76,21 @@ def read_only_uri(path: str) -> str:
     return "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
 
 
-def _rows(conn: sqlite3.Connection, chunk: int = 256) -> Iterator[list[Any]]:
-    cursor = conn.execute(f"SELECT {EVENT_COLUMNS} FROM events ORDER BY position")
+def _rows(conn: sqlite3.Connection, upto: int, chunk: int = 256) -> Iterator[list[Any]]:
+    cursor = conn.execute(
+        f"SELECT {EVENT_COLUMNS} FROM events WHERE position <= ? ORDER BY position", (upto,))
     while rows := cursor.fetchmany(chunk):
         yield rows
 
 
-def check_file(path: str) -> dict[str, Any]:
-    """Check the chain of the log at `path` in one read snapshot; a JSON-able verdict."""
+def check_file(path: str, upto: int) -> dict[str, Any]:
+    """Check the chain of the log at `path` up to position `upto`; a JSON-able verdict."""
     conn = sqlite3.connect(read_only_uri(path), uri=True, isolation_level=None)
     try:
         conn.execute("PRAGMA busy_timeout = 10000")
         conn.execute("BEGIN")  # one snapshot: the head reported is the head checked
         position, head = 0, GENESIS_HASH
-        for rows in checked(_rows(conn)):
+        for rows in checked(_rows(conn, upto)):
             position, head = rows[-1][0], rows[-1][7]
         return {"ok": True, "position": position, "hash": head.hex()}
     except ChainBroken as exc:
@@ -103,9 +104,9 @@ def check_file(path: str) -> dict[str, Any]:
 class CheckProcess:
     """`check_file` in a process of its own (the same interpreter), running meanwhile."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, upto: int) -> None:
         self._process = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), os.path.abspath(path)],
+            [sys.executable, os.path.abspath(__file__), os.path.abspath(path), str(upto)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def verdict(self) -> dict[str, Any] | None:
@@ -124,4 +125,4 @@ class CheckProcess:
 
 
 if __name__ == "__main__":
-    print(json.dumps(check_file(sys.argv[1])), flush=True)
+    print(json.dumps(check_file(sys.argv[1], int(sys.argv[2]))), flush=True)

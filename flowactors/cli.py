@@ -26,7 +26,7 @@ from . import replay as rp
 from . import schemas as schema_files
 from .demo import demo
 from .console import Failure
-from .errors import CheckpointNotFound, FlowError, LogCorrupted
+from .errors import CheckpointNotFound, FlowError
 from .report import report
 from .views import JobView
 
@@ -201,11 +201,10 @@ def status(job: str | None, db: Path, as_json: bool) -> None:
                 click.echo(_detail(view))
             return
         progress = _Progress("reading")
-        states = rp.replay(progress.counted(rp.read_events(store), store.head()[0]))
-        storage = store.verify_storage()
-        if not storage.ok:
-            raise LogCorrupted(f"{db} fails verification: {storage.problem}; "
-                               f"run `flowactors verify --db {db}`")
+        try:
+            states = rp.replay_log(store, progress.update)
+        finally:
+            progress.close()
     views = [core.view(s) for s in states.values() if s.exists]
     if as_json:
         _echo_json(views)

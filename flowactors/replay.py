@@ -147,13 +147,60 @@ def _until(events: Iterable[RecordedEvent], until: int | None) -> Iterator[Recor
 
 def replay(events: Iterable[RecordedEvent]) -> dict[str, core.JobState]:
     """Fold events (of any number of jobs, in log order) into each job's state."""
-    evolve, initial_state = core.evolve, core.initial_state
-    states: dict[str, core.JobState] = {}
-    for recorded in events:
-        stream = recorded.stream
-        state = states.get(stream)
-        states[stream] = evolve(state if state is not None else initial_state(stream), recorded)
+    return core.fold_log(events)
+
+
+CHAIN_CHECK_PROCESS_EVENTS = 100_000
+"""From this many events on, `replay_log` checks the hash chain in another process."""
+
+
+def replay_log(store: EventStore, progress: Callable[[int, int], None] | None = None
+               ) -> dict[str, core.JobState]:
+    """Every job's state from the whole log (up to its head when called), refusing a log
+    that `verify` would refuse: what a runtime does when it opens a log.
+
+    The replay reads every event; the checks it does not make run meanwhile, on another
+    thread and (for a long log) in another process (`EventStore.check_meanwhile`).
+
+    Args:
+        progress: called as progress(events_done, events_total) every 10,000 events.
+
+    Raises:
+        LogCorrupted: a check failed; the message says which, and where.
+    """
+    check = store.check_meanwhile(chain_process=store.head()[0] >= CHAIN_CHECK_PROCESS_EVENTS)
+    try:
+        here = not check.checks_chain
+        events = _Counted(store.read_all(to_position=check.upto, verify_chain=here,
+                                         hashes=here), progress, check.upto)
+        states = core.fold_log(events)
+        check.finish(events.n, {job_id: state.version for job_id, state in states.items()})
+    finally:
+        check.cancel()
     return states
+
+
+class _Counted:
+    """Passes events through, counting them (and reporting progress, if asked)."""
+
+    def __init__(self, events: Iterator[RecordedEvent],
+                 progress: Callable[[int, int], None] | None, total: int) -> None:
+        self._events = events
+        self._progress = progress
+        self._total = total
+        self.n = 0
+
+    def __iter__(self) -> Iterator[RecordedEvent]:
+        n = 0
+        if self._progress is None:
+            for n, recorded in enumerate(self._events, 1):  # noqa: B007
+                yield recorded
+        else:
+            for n, recorded in enumerate(self._events, 1):  # noqa: B007
+                yield recorded
+                if not n % 10_000:
+                    self._progress(n, self._total)
+        self.n = n
 
 
 def job_state(store: EventStore, job_id: str, until: int | None = None) -> core.JobState:

@@ -27,7 +27,6 @@ from .errors import (
     FlowError,
     InvalidTransition,
     JobNotFound,
-    LogCorrupted,
     SpecError,
     StoreUnavailable,
 )
@@ -45,11 +44,11 @@ from .job import (
     Submit,
     checkpoint_infos,
     decide,
-    evolve,
     fold,
     initial_state,
     view,
 )
+from .replay import replay_log
 from .rollouts import Deadlines, RolloutPool
 from .spec import JobSpec, validate_spec
 from .store import EventStore
@@ -61,8 +60,6 @@ log = structlog.get_logger(__name__)
 MAX_RESTARTS = 3
 INBOX_POLL_SECONDS = 0.1
 CONTROL_TIMEOUT_SECONDS = 600.0
-CHAIN_CHECK_PROCESS_EVENTS = 100_000
-"""From this many events on, an open checks the hash chain in another process meanwhile."""
 _WATCH_END = object()
 
 
@@ -325,34 +322,10 @@ class Runtime:
     def _recover(self) -> None:
         """Replay the log; queue queued jobs; resume running ones from their last checkpoint."""
         states = self._states
-        storage: list[Any] = []  # blobs and pages, checked on another thread meanwhile
-        checker = threading.Thread(target=lambda: storage.append(self.store.verify_storage()),
-                                   daemon=True, name="flowactors-open-check")
-        checker.start()
-        chain_check = (self.store.check_chain_meanwhile()
-                       if self.store.head()[0] >= CHAIN_CHECK_PROCESS_EVENTS else None)
-        try:
-            n_events = 0
-            for recorded in self.store.read_all(verify_chain=chain_check is None,
-                                                hashes=chain_check is None):
-                stream = recorded.stream
-                state = states.get(stream)
-                if state is None:
-                    state = initial_state(stream)
-                    self._order[stream] = recorded.position
-                states[stream] = evolve(state, recorded)
-                n_events += 1
-            if chain_check is not None:
-                chain_check.finish(n_events, self.store.head())
-        finally:
-            if chain_check is not None:
-                chain_check.cancel()
-        checker.join()
-        if not storage[0].ok:
-            raise LogCorrupted(f"{self.path} fails verification: {storage[0].problem}; "
-                               f"run `flowactors verify --db {self.path}`")
-        for job_id, state in states.items():
+        states.update(replay_log(self.store))
+        for rank, (job_id, state) in enumerate(states.items()):
             self._views[job_id] = view(state)
+            self._order[job_id] = rank  # in order of submission, below any position to come
         fault_point("runtime.recover")
         running = [s for s in states.values() if s.status is JobStatus.RUNNING]
         recoveries = [(s.job_id, decide(Recover(attempt=s.attempts + 1, cause="crash"), s),

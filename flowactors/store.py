@@ -205,6 +205,12 @@ _INSERT_ROWS = {
 _EVENT_COLUMNS = chain.EVENT_COLUMNS
 _EVENT_COLUMNS_NO_HASH = _EVENT_COLUMNS.replace(", hash", ", ''")  # same shape, no hash read
 # One stream's events: point lookups in the (version, stream) index, version after version.
+# An open checks the small tables entry by entry, and the events index by a summary read from
+# the index alone (a covering scan), which it compares with its replay of the table.
+_SMALL_TABLES = ("meta", "blobs", "blob_refs", "requests", "answers")
+_EVENTS_INDEX_SUMMARY = ("SELECT stream, count(*), sum(version), sum(position) "
+                         "FROM events INDEXED BY events_version_stream WHERE position <= ? "
+                         "GROUP BY stream")
 _SELECT_STREAM = """
     WITH RECURSIVE wanted(v) AS (SELECT ?1 UNION ALL SELECT v + 1 FROM wanted WHERE v < ?2)
     SELECT e.position, e.stream, e.version, e.type, e.schema_version, e.recorded_at, e.data,
@@ -537,6 +543,8 @@ class EventStore:
         self._rows_since_checkpoint = 0
         self._settled: list[_Append] = []  # committed, callers not woken yet (writer only)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # The owner's head version of each stream appended to, found on its first append
+        # (an open of a long log does not scan the log for them).
         self._heads: dict[str, int] = {}
         self._head: tuple[int, bytes] = (0, GENESIS_HASH)
         try:
@@ -594,7 +602,9 @@ class EventStore:
             conn.execute(f"PRAGMA wal_autocheckpoint = {_WRITER_AUTOCHECKPOINT_PAGES}")
             conn.execute("PRAGMA recursive_triggers = ON")
             _check_schema(self.path, conn)
-            self._load_heads(conn)
+            row = conn.execute(
+                "SELECT position, hash FROM events ORDER BY position DESC LIMIT 1").fetchone()
+            self._head = _head_of(self.path, row)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open {self.path}: {exc}") from None
         name = os.path.basename(self.path)
@@ -634,13 +644,6 @@ class EventStore:
             _check_schema(self.path, conn)
         finally:
             conn.close()
-
-    def _load_heads(self, conn: sqlite3.Connection) -> None:
-        self._heads = dict(
-            conn.execute("SELECT stream, max(version) FROM events GROUP BY stream").fetchall())
-        row = conn.execute(
-            "SELECT position, hash FROM events ORDER BY position DESC LIMIT 1").fetchone()
-        self._head = _head_of(self.path, row)
 
     def close(self) -> None:
         """Finish queued appends, stop the writer, close every connection; idempotent.
@@ -851,7 +854,17 @@ class EventStore:
             stream = item.stream
             current = staged.get(stream)
             if current is None:
-                current = heads.get(stream, 0)
+                current = heads.get(stream)
+            if current is None:
+                try:
+                    current = heads[stream] = self._probe_head(self._conn, stream)
+                except sqlite3.Error as exc:
+                    item.error = StoreUnavailable(
+                        f"cannot read the head of stream {stream!r} in {self.path}, nothing "
+                        f"was written: {exc}")
+                    item.settled = True
+                    item.done.release()
+                    continue
             if current != item.expected:
                 item.error = ConcurrencyConflict(
                     f"stream {stream!r} is at version {current}, the append expected "
@@ -956,7 +969,8 @@ class EventStore:
                 "SELECT position, hash FROM events ORDER BY position DESC LIMIT 1").fetchone()
             on_disk = (row[0], bytes(row[1])) if row else (0, GENESIS_HASH)
             if on_disk != self._head:
-                self._load_heads(conn)
+                self._head = on_disk
+                self._heads.clear()
                 log.warning("store_heads_reloaded", path=self.path, head=self._head[0])
         except sqlite3.Error:
             pass
@@ -1094,27 +1108,28 @@ class EventStore:
         except chain.ChainBroken as exc:
             raise LogCorrupted(f"{self.path}: {exc}; run `flowactors verify`") from None
 
-    def check_chain(self) -> None:
-        """Recompute the whole hash chain, without decoding events.
+    def check_chain(self, to_position: int | None = None) -> None:
+        """Recompute the hash chain (up to `to_position`), without decoding events.
 
         Raises:
             LogCorrupted: naming the first row that breaks the chain, or a row unreadable.
         """
         try:
-            for _ in self._chained(self._batches(1, None)):
+            for _ in self._chained(self._batches(1, to_position)):
                 pass
         except (sqlite3.DatabaseError, UnicodeError) as exc:
             raise LogCorrupted(f"cannot read {self.path}: {exc}") from None
 
-    def check_chain_meanwhile(self) -> ChainCheck | None:
-        """Start checking the hash chain in a process of its own, so that a long replay on
-        this thread (`read_all()` without `verify_chain`) does not pay for it on a machine
-        with a second core; None if no process can be started (check here instead)."""
-        try:
-            return ChainCheck(self)
-        except OSError as exc:
-            log.warning("chain_check_process_unavailable", path=self.path, error=str(exc))
-            return None
+    def check_meanwhile(self, *, chain_process: bool) -> OpenCheck:
+        """Start checking what a replay of the whole log does not check itself, while the
+        caller replays it; see `OpenCheck`.
+
+        Args:
+            chain_process: also check the hash chain, in a process of its own (worth it for a
+                long log on a machine with a second core). If the process cannot start, or
+                not asked, `OpenCheck.checks_chain` is False: replay with `verify_chain`.
+        """
+        return OpenCheck(self, chain_process)
 
     def _batches(self, from_position: int, to_position: int | None,
                  columns: str = _EVENT_COLUMNS) -> Iterator[list[Any]]:
@@ -1158,8 +1173,9 @@ class EventStore:
 
     def stream_version(self, stream: str) -> int:
         """The stream's head version: the version of its last event, 0 if it has none."""
-        if self.mode == "owner":
-            return self._heads.get(stream, 0)
+        known = self._heads.get(stream) if self.mode == "owner" else None
+        if known is not None:
+            return known
         try:
             # Several snapshots; a version once present stays, so the answer is the head at
             # some moment of the search.
@@ -1190,8 +1206,6 @@ class EventStore:
 
     def streams(self) -> dict[str, int]:
         """Every stream with its head version."""
-        if self.mode == "owner":
-            return dict(self._heads)
         return dict(self._query("SELECT stream, max(version) FROM events GROUP BY stream"))
 
     def head(self) -> tuple[int, str]:
@@ -1324,20 +1338,9 @@ class EventStore:
 
     # --- verification ---
 
-    def verify_storage(self) -> VerifyReport:
-        """Check what a replay does not read: every blob against its address, and SQLite's
-        integrity_check of every page and index (quick_check does not match indexes against
-        their tables: an open passed a log that verify refused). The hash chain is checked by
-        `read_all(verify_chain=True)`.
-
-        SQLite and hashlib release the GIL for this work, so a runtime runs it on another
-        thread while it replays the log. Never raises for a corrupt log.
-        """
-        return self.verify(_events=False)
-
     def verify(self, expected_head: str | None = None, *,
                progress: Callable[[int, int], None] | None = None,
-               _events: bool = True) -> VerifyReport:
+               _open: OpenCheck | None = None) -> VerifyReport:
         """Check the whole log: the hash chain over every column of every event, gap-free
         positions, contiguous versions per stream, that every event decodes, every blob matches
         its address and every referenced blob exists, and SQLite's integrity_check.
@@ -1360,7 +1363,7 @@ class EventStore:
         try:
             conn.execute("BEGIN")  # one snapshot, even while the owner appends
             try:
-                return _Verifier(self.path, conn, expected, progress, _events).run()
+                return _Verifier(self.path, conn, expected, progress, _open).run()
             finally:
                 with contextlib.suppress(sqlite3.Error):  # a damaged file fails here too
                     conn.execute("ROLLBACK")
@@ -1372,43 +1375,106 @@ class EventStore:
             conn.close()
 
 
-class ChainCheck:
-    """A hash-chain check running in another process (`EventStore.check_chain_meanwhile`)."""
+class OpenCheck:
+    """The checks of a log besides its replay, running meanwhile (`EventStore.check_meanwhile`).
 
-    def __init__(self, store: EventStore) -> None:
+    On another thread (SQLite and hashlib release the GIL): every blob against its address,
+    every page (quick_check), the small tables' indexes entry by entry, and a summary of the
+    events index, per stream, which `finish` compares with the replay. In a process of its
+    own, if asked: the hash chain. Together with a replay that reads every event, this refuses
+    what `verify` refuses, in a fraction of the time of its integrity_check.
+    """
+
+    def __init__(self, store: EventStore, chain_process: bool) -> None:
         self._store = store
-        self._process = chain.CheckProcess(store.path)
+        self.upto, self._head_hash = store.head()
+        """The last position checked: replay up to it (a log being written grows meanwhile)."""
+        self._process: chain.CheckProcess | None = None
+        if chain_process:
+            try:
+                self._process = chain.CheckProcess(store.path, self.upto)
+            except OSError as exc:
+                log.warning("chain_check_process_unavailable", path=store.path, error=str(exc))
+        self.index: list[tuple[str, int, int, int]] = []  # stream, count, sum of versions, ...
+        self._report: VerifyReport | None = None
+        self._thread = threading.Thread(target=self._check_storage, daemon=True,
+                                        name="flowactors-open-check")
+        self._thread.start()
 
-    def finish(self, replayed: int, head: tuple[int, str]) -> None:
-        """Wait for the verdict on the log of which the caller replayed `replayed` events
-        up to `head` (position, hash); checks here if the process gave none.
+    @property
+    def checks_chain(self) -> bool:
+        """Whether the chain is checked here; if not, the replay must (`verify_chain`)."""
+        return self._process is not None
+
+    def _check_storage(self) -> None:
+        self._report = self._store.verify(_open=self)
+
+    def finish(self, replayed: int, versions: dict[str, int]) -> None:
+        """Wait for the checks of the log of which the caller replayed `replayed` events, up
+        to position `upto`, with `versions` the last version of each stream.
 
         Raises:
-            LogCorrupted: the chain is broken, or the log checked was not the one replayed.
+            LogCorrupted: a check failed, or the log checked was not the one replayed.
         """
-        verdict = self._process.verdict()
         path = self._store.path
-        if verdict is None:
-            log.warning("chain_check_process_failed", path=path)
-            self._store.check_chain()
-        elif not verdict["ok"]:
-            raise LogCorrupted(f"{path}: {verdict['problem']}; run `flowactors verify`")
-        elif not verdict["position"] == replayed == head[0] or verdict["hash"] != head[1]:
-            raise LogCorrupted(
-                f"{path}: the chain was checked up to position {verdict['position']} but "
-                f"{replayed} events were replayed and the head is at position {head[0]}: the "
-                f"log changed while it was opened")
+        if replayed != self.upto:
+            raise LogCorrupted(f"{path}: {replayed} events were replayed up to position "
+                               f"{self.upto}: the log changed while it was opened")
+        if self._process is not None:
+            verdict = self._process.verdict()
+            if verdict is None:
+                log.warning("chain_check_process_failed", path=path)
+                self._store.check_chain(self.upto)
+            elif not verdict["ok"]:
+                raise LogCorrupted(f"{path}: {verdict['problem']}; run `flowactors verify`")
+            elif verdict["position"] != self.upto or verdict["hash"] != self._head_hash:
+                raise LogCorrupted(
+                    f"{path}: the chain was checked up to position {verdict['position']}, not "
+                    f"the head {self.upto} that was replayed: the log changed while it was "
+                    f"opened")
+        self._thread.join()
+        report = self._report
+        problem = "the check did not finish" if report is None else report.problem
+        if problem is None:
+            problem = _index_problem(self.index, replayed, versions)
+        if problem is not None:
+            raise LogCorrupted(f"{path} fails verification: {problem}; "
+                               f"run `flowactors verify --db {path}`")
 
     def cancel(self) -> None:
-        self._process.kill()
+        """Stop the chain process, if any (the thread ends with its queries)."""
+        if self._process is not None:
+            self._process.kill()
+
+
+def _index_problem(index: list[tuple[str, int, int, int]], replayed: int,
+                   versions: dict[str, int]) -> str | None:
+    """How the events index disagrees with the replay of the table, if it does: each stream
+    must have one entry per version 1..v (v its last replayed version), and the entries'
+    positions must be 1..`replayed` (the positions the chain check found, gap-free)."""
+    if len(index) != len(versions):
+        return (f"SQLite index events_version_stream has {len(index)} streams, the events "
+                f"table {len(versions)}")
+    count = positions = 0
+    for stream, n, sum_versions, sum_positions in index:
+        last = versions.get(stream)
+        if last is None or n != last or sum_versions != last * (last + 1) // 2:
+            return (f"SQLite index events_version_stream does not match the events of stream "
+                    f"{stream!r}")
+        count += n
+        positions += sum_positions
+    if count != replayed or positions != replayed * (replayed + 1) // 2:
+        return "SQLite index events_version_stream does not match the positions of the events"
+    return None
 
 
 class _Verifier:
     """One pass of `EventStore.verify` over a read snapshot."""
 
     def __init__(self, path: str, conn: sqlite3.Connection, expected: bytes | None,
-                 progress: Callable[[int, int], None] | None, events: bool = True) -> None:
-        self.events = events  # False: blobs, pages and indexes only, for an open
+                 progress: Callable[[int, int], None] | None, open_check: OpenCheck | None
+                 ) -> None:
+        self.open_check = open_check  # an open's: blobs, pages and indexes only (no events)
         self.path = path
         self.conn = conn
         self.expected = expected
@@ -1432,7 +1498,7 @@ class _Verifier:
                 self.head_position = row[0]
                 self.head_hash = bytes(row[1]).hex() if isinstance(row[1], bytes) \
                     else str(row[1])
-            found = self.check_events() if self.events else None
+            found = self.check_events() if self.open_check is None else None
             if isinstance(found, VerifyReport):
                 return found
             if self.expected is not None and found is None:
@@ -1443,9 +1509,10 @@ class _Verifier:
             problem = self.check_blobs()
             if problem is not None:
                 return self.report(problem)
-            lines = [r[0] for r in self.conn.execute("PRAGMA integrity_check").fetchall()]
-            if lines != ["ok"]:
-                return self.report(f"SQLite integrity_check: {'; '.join(lines[:5])}")
+            problem = (self.check_sqlite() if self.open_check is None
+                       else self.check_sqlite_for_open(self.open_check))
+            if problem is not None:
+                return self.report(problem)
         except (sqlite3.DatabaseError, UnicodeError) as exc:
             at = self.events_checked + 1  # the event being read, unless all were read already
             return self.report(f"SQLite error reading {self.path}: {exc}",
@@ -1499,6 +1566,27 @@ class _Verifier:
                 self.progress(self.events_checked, max(total, self.events_checked))
             if len(rows) < _READ_CHUNK:
                 return found
+
+    def check_sqlite(self) -> str | None:
+        """SQLite's integrity_check: every page, and every index entry against its row."""
+        return self._pragma_check("integrity_check")
+
+    def check_sqlite_for_open(self, open_check: OpenCheck) -> str | None:
+        """What an open checks of SQLite's own structures, in a fraction of integrity_check's
+        time on a long log: every page (quick_check) and the small tables' indexes entry by
+        entry. Of the events index (integrity_check looks up every event in it: most of its
+        time), a summary per stream, for `OpenCheck.finish` to compare with the replay."""
+        problem = self._pragma_check("quick_check")
+        for table in _SMALL_TABLES:
+            problem = problem or self._pragma_check(f"integrity_check({table})")
+        if problem is None:
+            open_check.index = self.conn.execute(_EVENTS_INDEX_SUMMARY,
+                                                 (open_check.upto,)).fetchall()
+        return problem
+
+    def _pragma_check(self, pragma: str) -> str | None:
+        lines = [row[0] for row in self.conn.execute(f"PRAGMA {pragma}").fetchall()]
+        return None if lines == ["ok"] else f"SQLite {pragma}: {'; '.join(lines[:5])}"
 
     def check_blobs(self) -> str | None:
         last = ""

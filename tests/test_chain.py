@@ -12,7 +12,7 @@ from helpers import sim_spec
 
 import flowactors as fa
 from flowactors import chain
-from flowactors import runtime as runtime_module
+from flowactors import replay as replay_module
 from flowactors.store import EventStore
 
 pytestmark = pytest.mark.timeout(120)
@@ -46,18 +46,23 @@ def _edit_event(path: Path) -> int:
 
 @pytest.fixture
 def always_in_a_process(monkeypatch):
-    monkeypatch.setattr(runtime_module, "CHAIN_CHECK_PROCESS_EVENTS", 0)
+    monkeypatch.setattr(replay_module, "CHAIN_CHECK_PROCESS_EVENTS", 0)
 
 
 def test_the_check_process_gives_the_head_of_a_sound_log(finished_log):
-    verdict = chain.check_file(str(finished_log))
     with EventStore(finished_log, mode="readonly") as store:
-        assert verdict == {"ok": True, "position": store.head()[0], "hash": store.head()[1]}
+        position, hash_ = store.head()
+        assert chain.check_file(str(finished_log), position) == \
+            {"ok": True, "position": position, "hash": hash_}
+        assert chain.check_file(str(finished_log), 3) == \
+            {"ok": True, "position": 3, "hash": next(store.read_all(3, 3)).hash}
 
 
 def test_the_check_process_names_the_first_edited_event(finished_log):
     bad = _edit_event(finished_log)
-    verdict = chain.CheckProcess(str(finished_log)).verdict()
+    with EventStore(finished_log, mode="readonly") as store:
+        head = store.head()[0]
+    verdict = chain.CheckProcess(str(finished_log), head).verdict()
     assert verdict is not None and not verdict["ok"] and verdict["position"] == bad
 
 
@@ -100,13 +105,33 @@ def test_a_replay_without_hashes_reads_the_same_events(finished_log):
     assert [msgspec.structs.replace(r, hash="") for r in with_hashes] == without
 
 
-def test_a_verdict_on_another_head_than_the_one_replayed_is_refused(finished_log):
+def test_a_replay_that_did_not_reach_the_checked_head_is_refused(finished_log):
     with EventStore(finished_log, mode="readonly") as store:
-        head = store.head()
-        check = store.check_chain_meanwhile()
-        assert check is not None
-        with pytest.raises(fa.LogCorrupted, match="changed while it was opened"):
-            check.finish(head[0] - 1, head)
-        check = store.check_chain_meanwhile()
-        assert check is not None
-        check.finish(head[0], head)  # the same log: accepted
+        replayed = replay_module.replay(store.read_all())
+        versions = {job_id: state.version for job_id, state in replayed.items()}
+        for chain_process in (True, False):
+            check = store.check_meanwhile(chain_process=chain_process)
+            assert check.checks_chain is chain_process
+            with pytest.raises(fa.LogCorrupted, match="changed while it was opened"):
+                check.finish(check.upto - 1, versions)
+            check.cancel()
+            check = store.check_meanwhile(chain_process=chain_process)
+            check.finish(check.upto, versions)  # the same log: accepted
+            check.cancel()
+
+
+@pytest.mark.parametrize("chain_process", [True, False])
+def test_a_log_being_written_replays_up_to_the_head_it_had(tmp_path, monkeypatch,
+                                                          chain_process):
+    """`flowactors status` replays a log a runtime is writing: the checks and the replay must
+    agree on where they stop, and not refuse the log because it grew meanwhile."""
+    if chain_process:
+        monkeypatch.setattr(replay_module, "CHAIN_CHECK_PROCESS_EVENTS", 0)
+    path = tmp_path / "flow.db"
+    with fa.Runtime(path, handle_signals=False) as rt:
+        rt.submit(sim_spec("busy", n_iterations=100_000, seed=1), job_id="busy")
+        with EventStore(path, mode="readonly") as store:
+            for _ in range(5):
+                states = replay_module.replay_log(store)
+                assert states["busy"].version >= 1
+        rt.cancel("busy")

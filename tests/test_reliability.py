@@ -360,6 +360,42 @@ def test_a_blob_row_out_of_its_index_is_refused_on_open_as_verify_refuses_it(tmp
     _assert_one_line_cli_error(["status"], path)
 
 
+def _with_an_events_index_entry_renamed(content: bytes, tmp_path: Path) -> bytes:
+    """The log with one entry of the events index naming job-3 instead of job-1: the table
+    and every page still read (quick_check passes); only integrity_check, which looks up
+    every row in the index, sees it, and an open must see it too."""
+    probe = tmp_path / "probe.db"
+    at = content.find(b"job-1")
+    while at >= 0:
+        damaged = content[:at] + b"job-3" + content[at + 5:]
+        probe.write_bytes(damaged)
+        conn = sqlite3.connect(f"file:{probe}?mode=ro", uri=True)
+        try:
+            quick = conn.execute("PRAGMA quick_check").fetchall()
+            full = " ".join(row[0] for row in conn.execute("PRAGMA integrity_check"))
+            table = conn.execute("SELECT DISTINCT stream FROM events NOT INDEXED").fetchall()
+        finally:
+            conn.close()
+        if quick == [("ok",)] and "events_version_stream" in full and \
+                sorted(table) == [("job-0",), ("job-1",)]:
+            return damaged
+        at = content.find(b"job-1", at + 1)
+    raise AssertionError("no copy of the stream name, changed, is an index entry alone")
+
+
+def test_an_events_index_entry_that_does_not_match_its_row_is_refused_on_open(tmp_path,
+                                                                              small_log):
+    """An open does not run integrity_check's lookup of every event in the events index (most
+    of its time on a long log); it compares a summary of the index with its replay instead.
+    That must refuse what integrity_check refuses: reads by job go through this index."""
+    path = _write(tmp_path, _with_an_events_index_entry_renamed(small_log, tmp_path))
+    with EventStore(path, mode="readonly") as store:
+        assert not store.verify().ok
+    with pytest.raises(fa.LogCorrupted, match="events_version_stream"):
+        fa.Runtime(path, handle_signals=False).close()
+    assert "events_version_stream" in _assert_one_line_cli_error(["status"], path)
+
+
 @pytest.mark.timeout(120)
 def test_damaged_copies_through_the_real_command(tmp_path):
     """A few damaged copies (one of each kind) through the `flowactors` executable itself:
