@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import operator
 import random
 import threading
 from typing import Annotated, ClassVar
@@ -21,6 +22,7 @@ from ..spec import GRPOConfig, JobSpec, TrainingQuery
 from .base import Trajectory, group_advantages
 
 DIMENSIONS = 8
+_NUMBERS = tuple(range(1, DIMENSIONS + 1))  # dimension i + 1 moves (i + 1) times as fast
 
 
 class SimulatedOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -76,8 +78,7 @@ class SimulatedTask:
             raise InterruptedError("rollout cancelled")
         if options.failure_rate and rng.random() < options.failure_rate:
             raise RuntimeError("simulated rollout failure")
-        features = query_features(query.query)
-        score = sum(w * x for w, x in zip(state.policy.weights, features))
+        score = sum(map(operator.mul, state.policy.weights, query_features(query.query)))
         probability = 1.0 / (1.0 + math.exp(-score))
         success = rng.random() < probability
         steps = 1 + rng.randrange(max_steps)
@@ -92,18 +93,19 @@ class SimulatedTask:
         step = state.optimizer.step + 1
         if self.options.fail_at_iteration == step:
             raise RuntimeError(f"simulated failure at iteration {step}")
-        weights = list(state.policy.weights)
-        velocity = list(state.optimizer.velocity)
+        weights = state.policy.weights
+        velocity = state.optimizer.velocity
+        learning_rate = config.learning_rate
+        tanh = math.tanh
         loss = 0.0
         # Sequential and non-commutative in floating point: the order of trajectories matters.
         for group in groups:
             for trajectory, advantage in zip(group, group_advantages(group)):
                 if trajectory.failed:
                     continue
-                direction = trajectory.data
-                for i in range(DIMENSIONS):
-                    velocity[i] = 0.9 * velocity[i] + advantage * direction * 0.01 * (i + 1)
-                    weights[i] = math.tanh(weights[i] + config.learning_rate * velocity[i])
+                push = advantage * trajectory.data * 0.01  # times the dimension's number
+                velocity = [0.9 * v + push * k for v, k in zip(velocity, _NUMBERS)]
+                weights = [tanh(w + learning_rate * v) for w, v in zip(weights, velocity)]
                 loss -= advantage * trajectory.reward
         n = max(1, sum(len(g) for g in groups))
         new_state = SimulatedState(policy=SimulatedPolicy(weights),
@@ -115,6 +117,6 @@ class SimulatedTask:
             return 0.0
         total = 0.0
         for query in queries:
-            score = sum(w * x for w, x in zip(state.policy.weights, query_features(query.query)))
+            score = sum(map(operator.mul, state.policy.weights, query_features(query.query)))
             total += 1.0 / (1.0 + math.exp(-score))
         return total / len(queries)
