@@ -91,8 +91,8 @@ class Runtime:
         self.closing = False
         self._lock = threading.RLock()  # control decisions and admission
         self._changed = threading.Condition()  # a job's state changed
-        self._states: dict[str, JobState] = {}  # every job's current state: the truth
-        self._views: dict[str, tuple[JobState, JobView]] = {}  # views built when asked
+        self._states: dict[str, JobState] = {}
+        self._views: dict[str, JobView] = {}
         self._order: dict[str, int] = {}  # submission position, for the queue's order
         self._queue: list[tuple[int, int, str]] = []
         self._actors: dict[str, pykka.ActorRef] = {}
@@ -175,7 +175,7 @@ class Runtime:
                 if command == "resume":
                     self._enqueue(job_id)
                     self._schedule()
-                return self._view(job_id)
+                return self._views[job_id]
             if command == "resume":
                 decide(Resume(), state)  # raises InvalidTransition: it is running or queued
             try:
@@ -188,7 +188,7 @@ class Runtime:
                 raise TimeoutError(f"job {job_id!r} did not reach an iteration boundary in time")
         if job_id in self._stalled:
             raise StoreUnavailable(f"job {job_id!r}: {self._stalled[job_id]}")
-        final = self._view(job_id)
+        final = self._views[job_id]
         wanted = JobStatus.PAUSED if command == "pause" else JobStatus.CANCELLED
         if final.status is not wanted:
             if final.status is JobStatus.QUEUED:  # admitted actor stopped by close or restart
@@ -201,12 +201,14 @@ class Runtime:
 
     def status(self, job_id: str) -> JobView:
         """The job's current view, from memory: never waits behind a busy actor."""
-        return self._view(job_id)
+        try:
+            return self._views[job_id]
+        except KeyError:
+            raise JobNotFound(f"job {job_id!r} not found in {self.path}") from None
 
     def jobs(self, status: JobStatus | str | None = None) -> list[JobView]:
         """Every job's view (optionally of one status), in submission order."""
-        views = [self._view(job_id)
-                 for job_id in sorted(self._states, key=lambda j: self._order.get(j, 0))]
+        views = sorted(self._views.values(), key=lambda v: self._order.get(v.job_id, 0))
         if status is None:
             return views
         wanted = JobStatus(status)
@@ -222,14 +224,14 @@ class Runtime:
         self._state(job_id)
         with self._changed:
             done = self._changed.wait_for(
-                lambda: self._states[job_id].status.is_terminal or job_id in self._stalled
+                lambda: self._views[job_id].status.is_terminal or job_id in self._stalled
                 or self.closing, timeout)
         if job_id in self._stalled:
             raise StoreUnavailable(f"job {job_id!r}: {self._stalled[job_id]}")
-        if not done or not self._states[job_id].status.is_terminal:
-            raise TimeoutError(f"job {job_id!r} is still {self._states[job_id].status.value} "
+        if not done or not self._views[job_id].status.is_terminal:
+            raise TimeoutError(f"job {job_id!r} is still {self._views[job_id].status.value} "
                                f"after {timeout}s")
-        return self._view(job_id)
+        return self._views[job_id]
 
     def history(self, job_id: str) -> Iterator[RecordedEvent]:
         """The job's recorded events, in order."""
@@ -251,15 +253,15 @@ class Runtime:
                      ) -> Iterator[RecordedEvent]:
         inbox = entry[1]
         try:
-            if job_id is not None and self._states[job_id].status.is_terminal:
+            if job_id is not None and self._views[job_id].status.is_terminal:
                 return
             while True:
                 item = inbox.get()
                 if item is _WATCH_END:
                     return
                 yield item
-                if job_id is not None and self._states[job_id].status.is_terminal \
-                        and self._states[job_id].version <= item.version:
+                if job_id is not None and self._views[job_id].status.is_terminal \
+                        and self._views[job_id].version <= item.version:
                     return
         finally:
             with self._changed:
@@ -321,7 +323,8 @@ class Runtime:
         """Replay the log; queue queued jobs; resume running ones from their last checkpoint."""
         states = self._states
         states.update(replay_log(self.store))
-        for rank, job_id in enumerate(states):
+        for rank, (job_id, state) in enumerate(states.items()):
+            self._views[job_id] = view(state)
             self._order[job_id] = rank  # in order of submission, below any position to come
         fault_point("runtime.recover")
         running = [s for s in states.values() if s.status is JobStatus.RUNNING]
@@ -378,18 +381,19 @@ class Runtime:
     # --- JobHost: called on actor threads ---
 
     def publish(self, state: JobState, recorded: Sequence[RecordedEvent]) -> None:
-        """Serve the new state (its view is built when asked); wake waiters only when a
-        status changed (they wait for one), never on every iteration of every job."""
+        """Serve the new state; wake waiters only when a status changed (they wait for
+        one), never on every iteration of every job."""
         job_id = state.job_id
-        before = self._states.get(job_id)
+        before = self._views.get(job_id)
         self._states[job_id] = state
+        current = self._views[job_id] = view(state)
         if self._watchers:
             with self._changed:
                 for wanted, inbox in self._watchers:
                     if wanted is None or wanted == job_id:
                         for item in recorded:
                             inbox.put(item)
-        if before is None or before.status is not state.status:
+        if before is None or before.status is not current.status:
             with self._changed:
                 self._changed.notify_all()
 
@@ -453,14 +457,6 @@ class Runtime:
             log.info("request_applied", job_id=request.job_id, command=request.command)
 
     # --- helpers ---
-
-    def _view(self, job_id: str) -> JobView:
-        """The job's view, built from its current state once, when first asked for."""
-        state = self._state(job_id)
-        cached = self._views.get(job_id)
-        if cached is None or cached[0] is not state:
-            cached = self._views[job_id] = (state, view(state))
-        return cached[1]
 
     def _state(self, job_id: str) -> JobState:
         try:
