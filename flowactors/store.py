@@ -52,7 +52,7 @@ from .errors import (
     StoreUnavailable,
     one_line,
 )
-from .events import EVENT_TYPES, Event, RecordedEvent, event_tag
+from .events import EVENT_TYPES, Event, IterationCompleted, RecordedEvent, event_tag
 from .faults import armed, fault_point
 
 __all__ = [
@@ -203,14 +203,19 @@ _INSERT_ROWS = {
     for n in (1 << k for k in range(_INSERT_MAX_ROWS.bit_length()))
 }
 _EVENT_COLUMNS = chain.EVENT_COLUMNS
-_EVENT_COLUMNS_NO_HASH = _EVENT_COLUMNS.replace(", hash", ", ''")  # same shape, no hash read
-# One stream's events: point lookups in the (version, stream) index, version after version.
+# A replay that needs no hashes reads none, and no type for the current iteration event (most
+# of a training log): NULL there, so the row costs no string (same shape).
+_ITERATION = (event_tag(IterationCompleted), IterationCompleted.schema_version)
+_EVENT_COLUMNS_NO_HASH = _EVENT_COLUMNS.replace(
+    "type", f"CASE WHEN type = '{_ITERATION[0]}' AND schema_version = {_ITERATION[1]} "
+    "THEN NULL ELSE type END").replace(", hash", ", ''")
 # An open checks the small tables entry by entry, and the events index by a summary read from
 # the index alone (a covering scan), which it compares with its replay of the table.
 _SMALL_TABLES = ("meta", "blobs", "blob_refs", "requests", "answers")
 _EVENTS_INDEX_SUMMARY = ("SELECT stream, count(*), sum(version), sum(position) "
                          "FROM events INDEXED BY events_version_stream WHERE position <= ? "
                          "GROUP BY stream")
+# One stream's events: point lookups in the (version, stream) index, version after version.
 _SELECT_STREAM = """
     WITH RECURSIVE wanted(v) AS (SELECT ?1 UNION ALL SELECT v + 1 FROM wanted WHERE v < ?2)
     SELECT e.position, e.stream, e.version, e.type, e.schema_version, e.recorded_at, e.data,
@@ -1052,6 +1057,8 @@ class EventStore:
     def _events(self, batches: Iterable[list[Any]]) -> Iterator[RecordedEvent]:
         """Decode lists of rows of `_EVENT_COLUMNS` into recorded events (the replay loop)."""
         fast = _DECODERS
+        iteration = _ITERATION[0]
+        decode_iteration = fast[iteration][1]
         last_ts = None
         recorded_at = None
         try:
@@ -1061,11 +1068,15 @@ class EventStore:
                         recorded_at = _parse_time(ts, f"{self.path}, position {position}")
                         last_ts = ts
                     try:
-                        current, decode = fast[type_]
-                        if current == schema_version:
-                            event = decode(data)
-                        else:  # an old schema version: upcast
-                            event = decode_event(type_, schema_version, data)
+                        if type_ is None:  # _EVENT_COLUMNS_NO_HASH: the current iteration
+                            type_ = iteration
+                            event = decode_iteration(data)
+                        else:
+                            current, decode = fast[type_]
+                            if current == schema_version:
+                                event = decode(data)
+                            else:  # an old schema version: upcast
+                                event = decode_event(type_, schema_version, data)
                     except Exception as exc:  # includes KeyError: an unknown type
                         raise _undecodable(self.path, position, type_, schema_version, data,
                                            exc) from None
