@@ -141,11 +141,14 @@ class Runner:
 
 
 def copy_history(source: Path, directory: Path) -> Path:
-    """A private copy of a built history (the database and its side files but the lock)."""
+    """A private copy of a built history (the database and its side files but the lock),
+    written out before it is timed: the kernel flushing hundreds of MB of dirty pages would
+    otherwise share the machine with the measured open."""
     directory.mkdir(parents=True, exist_ok=True)
     for path in source.parent.glob(source.name + "*"):
         if not path.name.endswith((".lock", "-shm")):
             shutil.copy(path, directory / path.name)
+    os.sync()
     return directory / source.name
 
 
