@@ -203,12 +203,13 @@ _INSERT_ROWS = {
     for n in (1 << k for k in range(_INSERT_MAX_ROWS.bit_length()))
 }
 _EVENT_COLUMNS = chain.EVENT_COLUMNS
-# A replay that needs no hashes reads none, and no type for the current iteration event (most
-# of a training log): NULL there, so the row costs no string (same shape).
+# A read that does not check the chain reads no type for the current iteration event (most of
+# a training log): NULL there, so the row costs no string; without hashes, no hash either.
 _ITERATION = (event_tag(IterationCompleted), IterationCompleted.schema_version)
-_EVENT_COLUMNS_NO_HASH = _EVENT_COLUMNS.replace(
+_READ_COLUMNS = _EVENT_COLUMNS.replace(
     "type", f"CASE WHEN type = '{_ITERATION[0]}' AND schema_version = {_ITERATION[1]} "
-    "THEN NULL ELSE type END").replace(", hash", ", ''")
+    "THEN NULL ELSE type END")
+_READ_COLUMNS_NO_HASH = _READ_COLUMNS.replace(", hash", ", ''")  # the same shape
 # An open checks the small tables entry by entry, and the events index by a summary read from
 # the index alone (a covering scan), which it compares with its replay of the table.
 _SMALL_TABLES = ("meta", "blobs", "blob_refs", "requests", "answers")
@@ -1055,7 +1056,8 @@ class EventStore:
             raise LogCorrupted(f"cannot read {self.path}: {exc}") from None
 
     def _events(self, batches: Iterable[list[Any]]) -> Iterator[RecordedEvent]:
-        """Decode lists of rows of `_EVENT_COLUMNS` into recorded events (the replay loop)."""
+        """Decode lists of rows of `_EVENT_COLUMNS` (or `_READ_COLUMNS`) into recorded events
+        (the replay loop)."""
         fast = _DECODERS
         iteration = _ITERATION[0]
         decode_iteration = fast[iteration][1]
@@ -1068,7 +1070,7 @@ class EventStore:
                         recorded_at = _parse_time(ts, f"{self.path}, position {position}")
                         last_ts = ts
                     try:
-                        if type_ is None:  # _EVENT_COLUMNS_NO_HASH: the current iteration
+                        if type_ is None:  # _READ_COLUMNS: the current iteration
                             type_ = iteration
                             event = decode_iteration(data)
                         else:
@@ -1108,8 +1110,9 @@ class EventStore:
         """
         if verify_chain and (from_position > 1 or not hashes):
             raise ValueError("verify_chain needs the whole log (from_position=1), with hashes")
-        batches = self._batches(from_position, to_position,
-                                _EVENT_COLUMNS if hashes else _EVENT_COLUMNS_NO_HASH)
+        columns = (_EVENT_COLUMNS if verify_chain  # the chain covers the type as stored
+                   else _READ_COLUMNS if hashes else _READ_COLUMNS_NO_HASH)
+        batches = self._batches(from_position, to_position, columns)
         return self._events(self._chained(batches) if verify_chain else batches)
 
     def _chained(self, batches: Iterable[list[Any]]) -> Iterator[list[Any]]:
