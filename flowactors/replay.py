@@ -171,36 +171,22 @@ def replay_log(store: EventStore, progress: Callable[[int, int], None] | None = 
     check = store.check_meanwhile(chain_process=store.head()[0] >= CHAIN_CHECK_PROCESS_EVENTS)
     try:
         here = not check.checks_chain
-        events = _Counted(store.read_all(to_position=check.upto, verify_chain=here,
-                                         hashes=here), progress, check.upto)
+        events = store.read_all(to_position=check.upto, verify_chain=here, hashes=here)
+        if progress is not None:
+            events = _reporting(events, progress, check.upto)
         states = core.fold_log(events)
-        check.finish(events.n, {job_id: state.version for job_id, state in states.items()})
+        check.finish({job_id: state.version for job_id, state in states.items()})
     finally:
         check.cancel()
     return states
 
 
-class _Counted:
-    """Passes events through, counting them (and reporting progress, if asked)."""
-
-    def __init__(self, events: Iterator[RecordedEvent],
-                 progress: Callable[[int, int], None] | None, total: int) -> None:
-        self._events = events
-        self._progress = progress
-        self._total = total
-        self.n = 0
-
-    def __iter__(self) -> Iterator[RecordedEvent]:
-        n = 0
-        if self._progress is None:
-            for n, recorded in enumerate(self._events, 1):  # noqa: B007
-                yield recorded
-        else:
-            for n, recorded in enumerate(self._events, 1):  # noqa: B007
-                yield recorded
-                if not n % 10_000:
-                    self._progress(n, self._total)
-        self.n = n
+def _reporting(events: Iterator[RecordedEvent], progress: Callable[[int, int], None],
+               total: int) -> Iterator[RecordedEvent]:
+    for n, recorded in enumerate(events, 1):
+        yield recorded
+        if not n % 10_000:
+            progress(n, total)
 
 
 def job_state(store: EventStore, job_id: str, until: int | None = None) -> core.JobState:
