@@ -408,7 +408,22 @@ def _parse_time(value: str, where: str) -> datetime:
         raise LogCorrupted(f"{where}: recorded time {value!r} is not an ISO-8601 time") from None
 
 
-class _Append:
+class _Queued:
+    """What the writer settles: an append or a call, each with its caller waiting on `done`."""
+
+    __slots__ = ()
+    error: BaseException | None
+    settled: bool
+    done: threading.Lock
+
+    def refuse(self, error: BaseException) -> None:
+        """Settle with `error`, which the waiting caller raises, and wake the caller."""
+        self.error = error
+        self.settled = True
+        self.done.release()
+
+
+class _Append(_Queued):
     """One queued append: encoded in the caller's thread, stamped by the writer.
 
     Wake-up chain: the writer wakes only the first caller of a committed batch; each woken
@@ -471,7 +486,7 @@ class _Append:
         ]
 
 
-class _Call:
+class _Call(_Queued):
     """A function run on the writer's connection, in the writer thread (inbox writes)."""
 
     __slots__ = ("fn", "done", "value", "error", "settled")
@@ -833,9 +848,7 @@ class EventStore:
                     break
             for item in leftovers:
                 if item is not _STOP and not item.settled:
-                    item.settled = True
-                    item.error = error
-                    item.done.release()
+                    item.refuse(error)
 
     def _wake_settled(self) -> None:
         """Wake the callers of the last committed batch, as a chain (see `_Append`)."""
@@ -866,18 +879,14 @@ class EventStore:
                 try:
                     current = heads[stream] = self._probe_head(self._conn, stream)
                 except sqlite3.Error as exc:
-                    item.error = StoreUnavailable(
+                    item.refuse(StoreUnavailable(
                         f"cannot read the head of stream {stream!r} in {self.path}, nothing "
-                        f"was written: {exc}")
-                    item.settled = True
-                    item.done.release()
+                        f"was written: {exc}"))
                     continue
             if current != item.expected:
-                item.error = ConcurrencyConflict(
+                item.refuse(ConcurrencyConflict(
                     f"stream {stream!r} is at version {current}, the append expected "
-                    f"{item.expected} ({self.path}); nothing was written")
-                item.settled = True
-                item.done.release()
+                    f"{item.expected} ({self.path}); nothing was written"))
                 continue
             staged[stream] = current + len(item.encoded)
             accepted.append(item)
@@ -966,11 +975,9 @@ class EventStore:
         log.error("append_batch_failed", path=self.path, appends=len(accepted),
                   error=f"{type(exc).__name__}: {exc}")
         for item in accepted:
-            item.error = StoreUnavailable(
+            item.refuse(StoreUnavailable(
                 f"append to stream {item.stream!r} in {self.path} failed, nothing was "
-                f"written: {exc}")
-            item.settled = True
-            item.done.release()
+                f"written: {exc}"))
         try:  # if SQLite committed despite the error, follow what is on disk
             row = conn.execute(
                 "SELECT position, hash FROM events ORDER BY position DESC LIMIT 1").fetchone()
