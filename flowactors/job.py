@@ -16,7 +16,7 @@ from typing import Any, Literal, assert_never
 import msgspec
 from msgspec.structs import replace
 
-from .errors import InvalidTransition, SpecError
+from .errors import InvalidTransition, LogCorrupted, SpecError
 from .events import (
     BudgetThresholdReached,
     CheckpointSaved,
@@ -197,7 +197,8 @@ def fold(events: Iterable[RecordedEvent], state: JobState | None = None) -> JobS
     return state
 
 
-def fold_log(events: Iterable[RecordedEvent]) -> dict[str, JobState]:
+def fold_log(events: Iterable[RecordedEvent], *, whole_log: str | None = None
+             ) -> dict[str, JobState]:
     """Every job's state from events of any number of jobs in log order (dict in order of
     each job's first event): what `evolve` event by event gives, in a fraction of the time.
 
@@ -205,7 +206,13 @@ def fold_log(events: Iterable[RecordedEvent]) -> dict[str, JobState]:
     evolving through a run only keeps its last event's fields and the sums of its tokens and
     costs. So a run is summed as it goes by and applied in one step when it ends (at the job's
     next other event, or at the end), with the same additions in the same order.
+
+    Args:
+        whole_log: the name of the log when the events are all of it, from its first
+            position: each must then be its job's next version (1, 2, 3...), or LogCorrupted
+            names the first that is not.
     """
+    whole = whole_log is not None
     states: dict[str, JobState] = {}
     runs: dict[str, list[Any]] = {}  # job -> [last RecordedEvent, tokens, cost_usd] of its run
     for recorded in events:
@@ -214,6 +221,8 @@ def fold_log(events: Iterable[RecordedEvent]) -> dict[str, JobState]:
         if type(event) is IterationCompleted:
             run = runs.get(stream)
             if run is not None:
+                if whole and recorded.version != run[0].version + 1:
+                    raise _out_of_order(whole_log, recorded, run[0].version)
                 run[0] = recorded
                 run[1] += event.tokens
                 run[2] += event.cost_usd
@@ -221,6 +230,8 @@ def fold_log(events: Iterable[RecordedEvent]) -> dict[str, JobState]:
             state = states.get(stream)
             if state is None:
                 state = states[stream] = initial_state(stream)
+            if whole and recorded.version != state.version + 1:
+                raise _out_of_order(whole_log, recorded, state.version)
             runs[stream] = [recorded, state.tokens + event.tokens, state.cost_usd + event.cost_usd]
             continue
         state = states.get(stream)
@@ -228,10 +239,18 @@ def fold_log(events: Iterable[RecordedEvent]) -> dict[str, JobState]:
             state = initial_state(stream)
         elif stream in runs:
             state = _end_run(state, runs.pop(stream))
+        if whole and recorded.version != state.version + 1:
+            raise _out_of_order(whole_log, recorded, state.version)
         states[stream] = evolve(state, recorded)
     for stream, run in runs.items():
         states[stream] = _end_run(states[stream], run)
     return states
+
+
+def _out_of_order(log: str | None, recorded: RecordedEvent, previous: int) -> LogCorrupted:
+    return LogCorrupted(f"{log}: job {recorded.stream!r} goes from version {previous} to "
+                        f"{recorded.version} at position {recorded.position}; run "
+                        f"`flowactors verify`")
 
 
 def _end_run(state: JobState, run: list[Any]) -> JobState:

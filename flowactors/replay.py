@@ -174,7 +174,7 @@ def replay_log(store: EventStore, progress: Callable[[int, int], None] | None = 
         events = store.read_all(to_position=check.upto, verify_chain=here, hashes=here)
         if progress is not None:
             events = _reporting(events, progress, check.upto)
-        states = core.fold_log(events)
+        states = core.fold_log(events, whole_log=store.path)
         check.finish({job_id: state.version for job_id, state in states.items()})
     finally:
         check.cancel()

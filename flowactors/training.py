@@ -69,7 +69,7 @@ class SplitMix64(random.Random):
     generator for every rollout and every batch; this one is seeded by a few multiplications.
     """
 
-    def __init__(self, seed: int) -> None:  # not Random.__init__: no Mersenne Twister to seed
+    def __init__(self, seed: int = 0) -> None:  # not Random.__init__: no Mersenne Twister
         self.seed(seed)
 
     def seed(self, a: object = None, version: int = 2) -> None:
@@ -83,6 +83,8 @@ class SplitMix64(random.Random):
         return (_mix64(state) >> 11) * _UNIT
 
     def getrandbits(self, k: int) -> int:
+        if k < 0:
+            raise ValueError("number of bits must be non-negative")
         bits = 0
         for _ in range(-(-k // 64)):
             self._state = state = (self._state + _GOLDEN_GAMMA) & _MASK64

@@ -11,6 +11,7 @@ import textwrap
 import threading
 from pathlib import Path
 
+import msgspec
 import pytest
 from click.testing import CliRunner
 from helpers import sim_spec, wait_until
@@ -20,9 +21,11 @@ from flowactors import job as core
 from flowactors import replay as rp
 from flowactors.cli import main as cli
 from flowactors.store import EventStore
+from flowactors.testing import log_from_history
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
+HISTORIES = ROOT / "tests" / "histories"
 
 import crashtest  # noqa: E402
 import damage  # noqa: E402
@@ -394,6 +397,77 @@ def test_an_events_index_entry_that_does_not_match_its_row_is_refused_on_open(tm
     with pytest.raises(fa.LogCorrupted, match="events_version_stream"):
         fa.Runtime(path, handle_signals=False).close()
     assert "events_version_stream" in _assert_one_line_cli_error(["status"], path)
+
+
+def _with_two_events_index_entries_swapped(content: bytes, tmp_path: Path) -> bytes:
+    """The log with the events index entries of version 2 of job-0 and of job-1 pointing at
+    each other's rows: the table and its chain unchanged, every page sound (quick_check
+    passes), but a read of job-0 through the index would serve job-1's event. Made by letting
+    the index follow swapped streams, then swapping them back behind its back."""
+    path = tmp_path / "swapped.db"
+    path.write_bytes(content)
+    conn = sqlite3.connect(path, isolation_level=None)
+    rows = dict(conn.execute("SELECT stream, position FROM events WHERE version = 2"))
+    first, second = rows["job-0"], rows["job-1"]
+    trigger = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'events_no_update'"
+                           ).fetchone()[0]
+    index = conn.execute("SELECT * FROM sqlite_master WHERE name = 'events_version_stream'"
+                         ).fetchone()
+    conn.execute("DROP TRIGGER events_no_update")
+
+    def set_streams(to_first: str, to_second: str) -> None:
+        conn.execute("UPDATE events SET stream = 'moving' WHERE position = ?", (first,))
+        conn.execute("UPDATE events SET stream = ? WHERE position = ?", (to_second, second))
+        conn.execute("UPDATE events SET stream = ? WHERE position = ?", (to_first, first))
+
+    set_streams("job-1", "job-0")  # the index follows
+    conn.execute("PRAGMA writable_schema = ON")
+    conn.execute("DELETE FROM sqlite_master WHERE name = 'events_version_stream'")
+    conn.close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    set_streams("job-0", "job-1")  # the table back as it was; the index, hidden, stays
+    conn.execute("PRAGMA writable_schema = ON")
+    conn.execute("INSERT INTO sqlite_master VALUES (?, ?, ?, ?, ?)", index)
+    conn.close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute(trigger)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert conn.execute("PRAGMA quick_check").fetchall() == [("ok",)]
+    assert "events_version_stream" in " ".join(
+        row[0] for row in conn.execute("PRAGMA integrity_check"))
+    conn.close()
+    return path.read_bytes()
+
+
+def test_two_events_index_entries_that_trade_rows_are_refused_on_open(tmp_path, small_log):
+    """Review finding: the open's first summary of the events index (per-job counts and sums
+    of versions, checked against the replay) passed a log whose two index entries traded
+    rows, and the runtime then served job-1's event as job-0's. Per-job sums of positions and
+    of positions times versions, read from the index and from the table, differ."""
+    path = _write(tmp_path, _with_two_events_index_entries_swapped(small_log, tmp_path))
+    with EventStore(path, mode="readonly") as store:
+        assert not store.verify().ok
+    with pytest.raises(fa.LogCorrupted, match="events_version_stream"):
+        fa.Runtime(path, handle_signals=False).close()
+    assert "events_version_stream" in _assert_one_line_cli_error(["status"], path)
+    assert not [t for t in threading.enumerate() if t.name == "flowactors-open-check"]
+
+
+def test_versions_out_of_order_in_a_chained_log_are_refused_on_open(tmp_path):
+    """Review finding: a log whose chain is sound but whose job goes from version 1 to 3 (a
+    foreign writer's) was refused by verify and served by an open."""
+    rows = [msgspec.json.decode(line)
+            for line in (HISTORIES / "completed.jsonl").read_bytes().splitlines()]
+    rows[1]["version"], rows[2]["version"] = rows[2]["version"], rows[1]["version"]
+    history = tmp_path / "out_of_order.jsonl"
+    history.write_bytes(b"\n".join(msgspec.json.encode(row) for row in rows) + b"\n")
+    path = log_from_history(history, tmp_path / "flow.db")
+    with EventStore(path, mode="readonly") as store:
+        assert "from version 1 to 3" in (store.verify().problem or "")
+    with pytest.raises(fa.LogCorrupted, match="goes from version 1 to 3 at position 2"):
+        fa.Runtime(path, handle_signals=False).close()
+    assert "from version 1 to 3" in _assert_one_line_cli_error(["status"], path)
+    assert not [t for t in threading.enumerate() if t.name == "flowactors-open-check"]
 
 
 @pytest.mark.timeout(120)

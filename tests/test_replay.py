@@ -166,6 +166,10 @@ def test_an_undecodable_row_is_named_by_position(tmp_path):
     db = testing.log_from_history(HISTORIES / "completed.jsonl", tmp_path / "flow.db")
     position = append_raw(db, "job.teleported", msgspec.msgpack.encode({"to": "mars"}))
     with rp.open_log(db) as store:
+        read = []
+        with pytest.raises(fa.LogCorrupted, match=f"position {position}: unknown event type"):
+            read.extend(store.read_all())
+        assert [r.position for r in read] == list(range(1, position))  # the rows before it
         with pytest.raises(fa.LogCorrupted, match=f"position {position}: unknown event type"):
             list(rp.export_lines(store))
         with pytest.raises(fa.LogCorrupted, match=f"position {position}"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import statistics
 
 import pytest
@@ -57,3 +58,18 @@ def test_splitmix_draws_are_uniform_and_serve_random_randoms_methods():
     assert [rng.random() for _ in range(3)] == ahead
     with pytest.raises(TypeError):
         SplitMix64("seed")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        rng.getrandbits(-1)
+
+
+def test_a_task_can_copy_its_generator():
+    """Review finding: `Random.__reduce__` rebuilds a generator with no arguments, which a
+    SplitMix64 that required its seed refused (copy.copy, copy.deepcopy)."""
+    rng = SplitMix64(99)
+    rng.random()
+    for copier in (copy.copy, copy.deepcopy):
+        twin = copier(rng)
+        state = rng.getstate()
+        assert type(twin) is SplitMix64
+        assert [twin.random() for _ in range(3)] == [rng.random() for _ in range(3)]
+        rng.setstate(state)
