@@ -440,7 +440,7 @@ def _with_two_events_index_entries_swapped(content: bytes, tmp_path: Path) -> by
 
 
 def test_two_events_index_entries_that_trade_rows_are_refused_on_open(tmp_path, small_log):
-    """Review finding: the open's first summary of the events index (per-job counts and sums
+    """Regression: the open's first summary of the events index (per-job counts and sums
     of versions, checked against the replay) passed a log whose two index entries traded
     rows, and the runtime then served job-1's event as job-0's. Per-job sums of positions and
     of positions times versions, read from the index and from the table, differ."""
@@ -454,7 +454,7 @@ def test_two_events_index_entries_that_trade_rows_are_refused_on_open(tmp_path, 
 
 
 def test_versions_out_of_order_in_a_chained_log_are_refused_on_open(tmp_path):
-    """Review finding: a log whose chain is sound but whose job goes from version 1 to 3 (a
+    """Regression: a log whose chain is sound but whose job goes from version 1 to 3 (a
     foreign writer's) was refused by verify and served by an open."""
     rows = [msgspec.json.decode(line)
             for line in (HISTORIES / "completed.jsonl").read_bytes().splitlines()]

@@ -63,7 +63,7 @@ def test_splitmix_draws_are_uniform_and_serve_random_randoms_methods():
 
 
 def test_a_task_can_copy_its_generator():
-    """Review finding: `Random.__reduce__` rebuilds a generator with no arguments, which a
+    """Regression: `Random.__reduce__` rebuilds a generator with no arguments, which a
     SplitMix64 that required its seed refused (copy.copy, copy.deepcopy)."""
     rng = SplitMix64(99)
     rng.random()
