@@ -386,19 +386,6 @@ def _with_an_events_index_entry_renamed(content: bytes, tmp_path: Path) -> bytes
     raise AssertionError("no copy of the stream name, changed, is an index entry alone")
 
 
-def test_an_events_index_entry_that_does_not_match_its_row_is_refused_on_open(tmp_path,
-                                                                              small_log):
-    """An open does not run integrity_check's lookup of every event in the events index (most
-    of its time on a long log); it compares a summary of the index with its replay instead.
-    That must refuse what integrity_check refuses: reads by job go through this index."""
-    path = _write(tmp_path, _with_an_events_index_entry_renamed(small_log, tmp_path))
-    with EventStore(path, mode="readonly") as store:
-        assert not store.verify().ok
-    with pytest.raises(fa.LogCorrupted, match="events_version_stream"):
-        fa.Runtime(path, handle_signals=False).close()
-    assert "events_version_stream" in _assert_one_line_cli_error(["status"], path)
-
-
 def _with_two_events_index_entries_swapped(content: bytes, tmp_path: Path) -> bytes:
     """The log with the events index entries of version 2 of job-0 and of job-1 pointing at
     each other's rows: the table and its chain unchanged, every page sound (quick_check
@@ -439,12 +426,17 @@ def _with_two_events_index_entries_swapped(content: bytes, tmp_path: Path) -> by
     return path.read_bytes()
 
 
-def test_two_events_index_entries_that_trade_rows_are_refused_on_open(tmp_path, small_log):
-    """Regression: the open's first summary of the events index (per-job counts and sums
-    of versions, checked against the replay) passed a log whose two index entries traded
-    rows, and the runtime then served job-1's event as job-0's. Per-job sums of positions and
-    of positions times versions, read from the index and from the table, differ."""
-    path = _write(tmp_path, _with_two_events_index_entries_swapped(small_log, tmp_path))
+@pytest.mark.parametrize("damaged", [_with_an_events_index_entry_renamed,
+                                     _with_two_events_index_entries_swapped],
+                         ids=["an-entry-renamed", "two-entries-trade-rows"])
+def test_an_events_index_that_does_not_match_its_table_is_refused_on_open(tmp_path, small_log,
+                                                                           damaged):
+    """An open does not run integrity_check's lookup of every event in the events index (most
+    of its time on a long log); it compares per-job sums read from the index and from the
+    table. That must refuse what integrity_check refuses: reads by job go through this index.
+    Regression: two entries trading rows passed a first, replay-based summary, and the runtime
+    then served job-1's event as job-0's."""
+    path = _write(tmp_path, damaged(small_log, tmp_path))
     with EventStore(path, mode="readonly") as store:
         assert not store.verify().ok
     with pytest.raises(fa.LogCorrupted, match="events_version_stream"):
