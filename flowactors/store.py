@@ -219,6 +219,7 @@ _SMALL_TABLES = ("meta", "blobs", "blob_refs", "requests", "answers")
 _EVENTS_SUMS = ("SELECT stream, count(*), sum(version), sum(position), "
                 "sum(position * version % 1000000007) FROM events {} WHERE position <= ? "
                 "GROUP BY stream ORDER BY stream")
+_SELECT_HEAD = "SELECT position, hash FROM events ORDER BY position DESC LIMIT 1"
 # One stream's events: point lookups in the (version, stream) index, version after version.
 _SELECT_STREAM = """
     WITH RECURSIVE wanted(v) AS (SELECT ?1 UNION ALL SELECT v + 1 FROM wanted WHERE v < ?2)
@@ -626,9 +627,7 @@ class EventStore:
             conn.execute(f"PRAGMA wal_autocheckpoint = {_WRITER_AUTOCHECKPOINT_PAGES}")
             conn.execute("PRAGMA recursive_triggers = ON")
             _check_schema(self.path, conn)
-            row = conn.execute(
-                "SELECT position, hash FROM events ORDER BY position DESC LIMIT 1").fetchone()
-            self._head = _head_of(self.path, row)
+            self._head = _head_of(self.path, conn.execute(_SELECT_HEAD).fetchone())
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open {self.path}: {exc}") from None
         name = os.path.basename(self.path)
@@ -981,14 +980,12 @@ class EventStore:
                 f"append to stream {item.stream!r} in {self.path} failed, nothing was "
                 f"written: {exc}"))
         try:  # if SQLite committed despite the error, follow what is on disk
-            row = conn.execute(
-                "SELECT position, hash FROM events ORDER BY position DESC LIMIT 1").fetchone()
-            on_disk = (row[0], bytes(row[1])) if row else (0, GENESIS_HASH)
+            on_disk = _head_of(self.path, conn.execute(_SELECT_HEAD).fetchone())
             if on_disk != self._head:
                 self._head = on_disk
                 self._heads.clear()
                 log.warning("store_heads_reloaded", path=self.path, head=self._head[0])
-        except sqlite3.Error:
+        except (sqlite3.Error, LogCorrupted):
             pass
 
     def _checkpoint_loop(self) -> None:
@@ -1244,7 +1241,7 @@ class EventStore:
         if self.mode == "owner":
             position, hash_ = self._head
             return position, hash_.hex()
-        rows = self._query("SELECT position, hash FROM events ORDER BY position DESC LIMIT 1")
+        rows = self._query(_SELECT_HEAD)
         position, hash_ = _head_of(self.path, rows[0] if rows else None)
         return position, hash_.hex()
 
@@ -1509,8 +1506,7 @@ class _Verifier:
 
     def run(self) -> VerifyReport:
         try:
-            row = self.conn.execute(
-                "SELECT position, hash FROM events ORDER BY position DESC LIMIT 1").fetchone()
+            row = self.conn.execute(_SELECT_HEAD).fetchone()
             if row is not None:
                 self.head_position = row[0]
                 self.head_hash = bytes(row[1]).hex() if isinstance(row[1], bytes) \
