@@ -103,27 +103,29 @@ def initial_state(job_id: str) -> JobState:
 def evolve(state: JobState, recorded: RecordedEvent) -> JobState:
     """Apply one recorded event. Never rejects a known event: the log is the truth."""
     event = recorded.event
-    if type(event) is IterationCompleted:  # replay's hot path: most of a log, one replace
-        return replace(
-            state, version=recorded.version, position=recorded.position,
-            iteration=event.iteration, metrics=_iteration_metrics(event),
-            tokens=state.tokens + event.tokens, cost_usd=state.cost_usd + event.cost_usd)
+    if type(event) is IterationCompleted:  # most of a log: one replace, no dict of changes
+        return _after_iterations(state, recorded, state.tokens + event.tokens,
+                                 state.cost_usd + event.cost_usd)
     changes = _changes(state, event, recorded.recorded_at)
     return replace(state, version=recorded.version, position=recorded.position, **changes)
 
 
-def _iteration_metrics(event: IterationCompleted) -> dict[str, float]:
-    return {**event.metrics, "loss": event.loss, "avg_reward": event.avg_reward,
-            "std_reward": event.std_reward, "success_rate": event.success_rate}
+def _after_iterations(state: JobState, last: RecordedEvent, tokens: int,
+                      cost_usd: float) -> JobState:
+    """`state` after one or more iterations: the last one's fields, and the totals of tokens
+    and cost (summed by the caller, in log order)."""
+    event = last.event
+    metrics = {**event.metrics, "loss": event.loss, "avg_reward": event.avg_reward,
+               "std_reward": event.std_reward, "success_rate": event.success_rate}
+    return replace(state, version=last.version, position=last.position,
+                   iteration=event.iteration, metrics=metrics, tokens=tokens, cost_usd=cost_usd)
 
 
 def _changes(state: JobState, event: JobEvent, at: datetime) -> dict[str, Any]:
     """The fields an event changes."""
     match event:
-        case IterationCompleted():
-            return {"iteration": event.iteration, "metrics": _iteration_metrics(event),
-                    "tokens": state.tokens + event.tokens,
-                    "cost_usd": state.cost_usd + event.cost_usd}
+        case IterationCompleted():  # evolve applies it with _after_iterations
+            raise AssertionError("an iteration has no dict of changes")
         case JobSubmitted(spec=spec):
             return {"spec": spec, "status": JobStatus.QUEUED, "created_at": at}
         case JobStarted():
@@ -238,12 +240,12 @@ def fold_log(events: Iterable[RecordedEvent], *, whole_log: str | None = None
         if state is None:
             state = initial_state(stream)
         elif stream in runs:
-            state = _end_run(state, runs.pop(stream))
+            state = _after_iterations(state, *runs.pop(stream))
         if whole and recorded.version != state.version + 1:
             raise _out_of_order(whole_log, recorded, state.version)
         states[stream] = evolve(state, recorded)
     for stream, run in runs.items():
-        states[stream] = _end_run(states[stream], run)
+        states[stream] = _after_iterations(states[stream], *run)
     return states
 
 
@@ -251,14 +253,6 @@ def _out_of_order(log: str | None, recorded: RecordedEvent, previous: int) -> Lo
     return LogCorrupted(f"{log}: job {recorded.stream!r} goes from version {previous} to "
                         f"{recorded.version} at position {recorded.position}; run "
                         f"`flowactors verify`")
-
-
-def _end_run(state: JobState, run: list[Any]) -> JobState:
-    """`state` evolved through a run of iterations: `fold_log`'s one step for the run."""
-    last, tokens, cost_usd = run
-    return replace(state, version=last.version, position=last.position,
-                   iteration=last.event.iteration, metrics=_iteration_metrics(last.event),
-                   tokens=tokens, cost_usd=cost_usd)
 
 
 def state_digest(state: JobState) -> Digest:
