@@ -170,8 +170,7 @@ def replay_log(store: EventStore, progress: Callable[[int, int], None] | None = 
     """
     check = store.check_meanwhile(chain_process=store.head()[0] >= CHAIN_CHECK_PROCESS_EVENTS)
     try:
-        here = not check.checks_chain
-        events = store.read_all(to_position=check.upto, verify_chain=here, hashes=here)
+        events = check.events()
         if progress is not None:
             events = _reporting(events, progress, check.upto)
         states = core.fold_log(events, whole_log=store.path)

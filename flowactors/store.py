@@ -211,14 +211,32 @@ _READ_COLUMNS = _EVENT_COLUMNS.replace(
     "type", f"CASE WHEN type = '{_ITERATION[0]}' AND schema_version = {_ITERATION[1]} "
     "THEN NULL ELSE type END")
 _READ_COLUMNS_NO_HASH = _READ_COLUMNS.replace(", hash", ", ''")  # the same shape
-# An open checks the small tables entry by entry, and the events index by per-job sums read
-# from the index alone and from the table alone: the count and the sums of versions, positions
-# and their products (so an entry pointing at another position of its job, or two entries
-# trading positions, changes a sum).
+# An open checks the small tables entry by entry, and ties the events index to its table by
+# sums over every index entry (read from the index alone) and over every row (counted by the
+# replay, which reads the table): of a per-job weight (from the job's name) times 1, the
+# version, the position and position x version, modulo a prime. An entry naming another job,
+# version or position, or two entries trading positions, changes a sum. No sort of the log.
 _SMALL_TABLES = ("meta", "blobs", "blob_refs", "requests", "answers")
-_EVENTS_SUMS = ("SELECT stream, count(*), sum(version), sum(position), "
-                "sum(position * version % 1000000007) FROM events {} WHERE position <= ? "
-                "GROUP BY stream ORDER BY stream")
+_PRIME = 2**31 - 1  # every product of two residues fits SQLite's 64-bit integers
+_WEIGHTS_TABLE = "temp.flowactors_job_weights"
+_INDEX_SUMS = f"""
+    SELECT count(*), sum(w.k), sum(e.version % {_PRIME} * w.k % {_PRIME}),
+           sum(e.position % {_PRIME} * w.k % {_PRIME}),
+           sum(e.position % {_PRIME} * (e.version % {_PRIME}) % {_PRIME} * w.k % {_PRIME})
+    FROM events AS e INDEXED BY events_version_stream
+    CROSS JOIN {_WEIGHTS_TABLE} AS w ON w.stream = e.stream
+    WHERE e.position <= ?"""
+
+
+class _JobWeights(dict[str, int]):
+    """A job's weight in the index sums: from its name alone, so both sides agree."""
+
+    def __missing__(self, stream: str) -> int:
+        digest = hashlib.blake2b(stream.encode("utf-8", "surrogatepass"), digest_size=8)
+        weight = self[stream] = 1 + int.from_bytes(digest.digest(), "little") % (_PRIME - 1)
+        return weight
+
+
 _SELECT_HEAD = "SELECT position, hash FROM events ORDER BY position DESC LIMIT 1"
 # One stream's events: point lookups in the (version, stream) index, version after version.
 _SELECT_STREAM = """
@@ -1120,13 +1138,18 @@ class EventStore:
             LogCorrupted: a row does not decode, or (verify_chain) breaks the hash chain; the
                 message names its position.
         """
+        return itertools.chain.from_iterable(self._events(
+            self._read_rows(from_position, to_position, verify_chain, hashes)))
+
+    def _read_rows(self, from_position: int, to_position: int | None, verify_chain: bool,
+                   hashes: bool) -> Iterator[list[Any]]:
+        """The batches of rows `read_all` decodes."""
         if verify_chain and (from_position > 1 or not hashes):
             raise ValueError("verify_chain needs the whole log (from_position=1), with hashes")
         columns = (_EVENT_COLUMNS if verify_chain  # the chain covers the type as stored
                    else _READ_COLUMNS if hashes else _READ_COLUMNS_NO_HASH)
         batches = self._batches(from_position, to_position, columns)
-        return itertools.chain.from_iterable(
-            self._events(self._chained(batches) if verify_chain else batches))
+        return self._chained(batches) if verify_chain else batches
 
     def _chained(self, batches: Iterable[list[Any]]) -> Iterator[list[Any]]:
         """Pass rows through, checking the hash chain and positions as they go by."""
@@ -1149,7 +1172,7 @@ class EventStore:
 
     def check_meanwhile(self, *, chain_process: bool) -> OpenCheck:
         """Start checking what a replay of the whole log does not check itself, while the
-        caller replays it; see `OpenCheck`.
+        caller replays `OpenCheck.events()`; see `OpenCheck`.
 
         Args:
             chain_process: also check the hash chain, in a process of its own (worth it for a
@@ -1409,11 +1432,11 @@ class OpenCheck:
     """The checks of a log besides its replay, running meanwhile (`EventStore.check_meanwhile`).
 
     On another thread (SQLite and hashlib release the GIL): every blob against its address,
-    every page (quick_check), the small tables' indexes entry by entry, and the events index
-    against its table by per-job sums (integrity_check looks up every event in the index: most
-    of its time). In a process of its own, if asked: the hash chain. With a replay that reads
-    every event and checks each job's versions follow one another, an open refuses what
-    `verify` refuses, in a fraction of its time.
+    every page (quick_check), the small tables' indexes entry by entry, and the sums of the
+    events index entries, which the rows the replay reads must match (integrity_check looks
+    up every event in the index: most of its time). In a process of its own, if asked: the
+    hash chain. With a replay that reads every event and checks each job's versions follow one
+    another, an open refuses what `verify` refuses, in a fraction of its time.
     """
 
     def __init__(self, store: EventStore, chain_process: bool) -> None:
@@ -1422,6 +1445,9 @@ class OpenCheck:
         """The last position checked: replay up to it (a log being written grows meanwhile)."""
         self.conn: sqlite3.Connection | None = None  # the thread's, to interrupt it
         self._report: VerifyReport | None = None
+        self.index_sums: tuple[int, ...] | None = None  # the thread's (see _INDEX_SUMS)
+        self._table_sums: tuple[int, int] | None = None  # the replay's: see _tallied
+        self._weights = _JobWeights()
         self._thread = threading.Thread(target=self._check_storage, daemon=True,
                                         name="flowactors-open-check")
         self._thread.start()
@@ -1439,6 +1465,36 @@ class OpenCheck:
 
     def _check_storage(self) -> None:
         self._report = self._store.verify(_open=self)
+
+    def events(self) -> Iterator[RecordedEvent]:
+        """The events to replay: the whole log up to `upto`, read from the table, tallied for
+        the index sums, and chain-checked here if no process does."""
+        here = not self.checks_chain
+        rows = self._store._read_rows(1, self.upto, here, here)
+        return itertools.chain.from_iterable(self._store._events(self._tallied(rows)))
+
+    def _tallied(self, batches: Iterable[list[Any]]) -> Iterator[list[Any]]:
+        """Pass rows through, summing weight x position and weight x position x version (the
+        other sums of `_INDEX_SUMS` follow from each job's versions being 1, 2, 3...)."""
+        weights = self._weights
+        by_position = by_product = 0
+        for rows in batches:
+            for row in rows:
+                weighted = weights[row[1]] * row[0]
+                by_position += weighted
+                by_product += weighted * row[2]
+            yield rows
+        self._table_sums = (by_position, by_product)
+
+    def _rows_match_index(self, versions: dict[str, int]) -> bool:
+        if self._table_sums is None:
+            raise RuntimeError("OpenCheck.finish() before its events() were all replayed")
+        weights = self._weights
+        count = sum(versions.values())
+        by_job = sum(weights[job] * last for job, last in versions.items())
+        by_version = sum(weights[job] * last * (last + 1) // 2 for job, last in versions.items())
+        rows = (count, *(total % _PRIME for total in (by_job, by_version, *self._table_sums)))
+        return rows == self.index_sums
 
     def finish(self, versions: dict[str, int]) -> None:
         """Wait for the checks of the log that the caller replayed up to position `upto`,
@@ -1468,6 +1524,9 @@ class OpenCheck:
         self._thread.join()
         report = self._report
         problem = "the check did not finish" if report is None else report.problem
+        if problem is None and not self._rows_match_index(versions):
+            problem = ("SQLite index events_version_stream does not match the events table "
+                       "(sums of its entries' jobs, versions and positions differ)")
         if problem is not None:
             raise LogCorrupted(f"{path} fails verification: {problem}; "
                                f"run `flowactors verify --db {path}`")
@@ -1587,19 +1646,27 @@ class _Verifier:
     def check_sqlite_for_open(self, open_check: OpenCheck) -> str | None:
         """What an open checks of SQLite's own structures, in a fraction of integrity_check's
         time on a long log: every page (quick_check), the small tables' indexes entry by
-        entry, and the events index against its table by per-job sums read from each alone
-        (a covering scan of the index, a scan of the table) instead of a lookup per event."""
+        entry, and the sums of the events index entries (a covering scan) that `OpenCheck`
+        compares with the rows replayed, instead of a lookup per event."""
         problem = self._pragma_check("quick_check")
         for table in _SMALL_TABLES:
             problem = problem or self._pragma_check(f"integrity_check({table})")
         if problem is None:
-            by_index, by_table = (
-                self.conn.execute(_EVENTS_SUMS.format(source), (open_check.upto,)).fetchall()
-                for source in ("INDEXED BY events_version_stream", "NOT INDEXED"))
-            if by_index != by_table:
-                problem = ("SQLite index events_version_stream does not match the events "
-                           "table (per-job counts or sums of versions and positions differ)")
+            open_check.index_sums = self.index_sums(open_check.upto)
         return problem
+
+    def index_sums(self, upto: int) -> tuple[int, ...]:
+        """`_INDEX_SUMS` over the entries up to position `upto`, weighing each job as found
+        at its version 1 (an entry of a job with none there is left out: the count differs)."""
+        weights = _JobWeights()
+        self.conn.execute(f"CREATE TABLE {_WEIGHTS_TABLE} (stream TEXT PRIMARY KEY, "
+                          "k INTEGER NOT NULL) WITHOUT ROWID")
+        first = self.conn.execute("SELECT stream FROM events INDEXED BY events_version_stream "
+                                  "WHERE version = 1 AND position <= ?", (upto,)).fetchall()
+        self.conn.executemany(f"INSERT OR IGNORE INTO {_WEIGHTS_TABLE} VALUES (?, ?)",
+                              [(stream, weights[stream]) for stream, in first])
+        count, *sums = self.conn.execute(_INDEX_SUMS, (upto,)).fetchone()
+        return (count, *((total or 0) % _PRIME for total in sums))
 
     def _pragma_check(self, pragma: str) -> str | None:
         lines = [row[0] for row in self.conn.execute(f"PRAGMA {pragma}").fetchall()]
