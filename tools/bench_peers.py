@@ -198,7 +198,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="smaller sizes and 2 repetitions: a smoke run of a few minutes")
-    parser.add_argument("--reps", type=int, help="repetitions (default 3; 2 with --quick)")
+    parser.add_argument("--reps", type=int, help="repetitions (default 5; 2 with --quick)")
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV,
                         help=f"the peers' environment (default {DEFAULT_VENV})")
     parser.add_argument("--workdir", type=Path,
@@ -215,7 +215,7 @@ def main() -> int:
         saved = json.loads(args.from_json.read_text())
         print_report(saved["meta"], saved["results"])
         return 0
-    reps = args.reps or (2 if args.quick else 3)
+    reps = args.reps or (2 if args.quick else 5)
     steps_jobs, steps_iterations = (100, 30) if args.quick else (100, 100)
     rec_jobs, rec_events = (200, 1000) if args.quick else (1000, 1000)
     dbos_jobs, dbos_events = map(int, (args.dbos_recovery or
