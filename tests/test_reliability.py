@@ -4,6 +4,7 @@ racing to own a log — and a regression test for each problem these harnesses f
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import subprocess
 import sys
@@ -386,33 +387,40 @@ def _with_an_events_index_entry_renamed(content: bytes, tmp_path: Path) -> bytes
     raise AssertionError("no copy of the stream name, changed, is an index entry alone")
 
 
-def _with_two_events_index_entries_swapped(content: bytes, tmp_path: Path) -> bytes:
-    """The log with the events index entries of version 2 of job-0 and of job-1 pointing at
-    each other's rows: the table and its chain unchanged, every page sound (quick_check
-    passes), but a read of job-0 through the index would serve job-1's event. Made by letting
-    the index follow swapped streams, then swapping them back behind its back."""
+def _with_two_events_index_entries_swapped(content: bytes, tmp_path: Path,
+                                           column: str = "stream") -> bytes:
+    """The log with two events index entries pointing at each other's rows: those of version
+    2 of job-0 and of job-1 (column "stream"), or of versions 2 and 3 of job-0 ("version").
+    The table and its chain are unchanged and every page is sound (quick_check passes), but a
+    read through the index would serve one event for the other. Made by letting the index
+    follow swapped values, then swapping them back behind its back."""
     path = tmp_path / "swapped.db"
     path.write_bytes(content)
     conn = sqlite3.connect(path, isolation_level=None)
-    rows = dict(conn.execute("SELECT stream, position FROM events WHERE version = 2"))
-    first, second = rows["job-0"], rows["job-1"]
+    if column == "stream":
+        rows = dict(conn.execute("SELECT stream, position FROM events WHERE version = 2"))
+        (first, second), values, moving = (rows["job-0"], rows["job-1"]), ("job-0", "job-1"), "-"
+    else:
+        rows = dict(conn.execute("SELECT version, position FROM events WHERE stream = 'job-0'"))
+        (first, second), values, moving = (rows[2], rows[3]), (2, 3), -1
     trigger = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'events_no_update'"
                            ).fetchone()[0]
     index = conn.execute("SELECT * FROM sqlite_master WHERE name = 'events_version_stream'"
                          ).fetchone()
     conn.execute("DROP TRIGGER events_no_update")
 
-    def set_streams(to_first: str, to_second: str) -> None:
-        conn.execute("UPDATE events SET stream = 'moving' WHERE position = ?", (first,))
-        conn.execute("UPDATE events SET stream = ? WHERE position = ?", (to_second, second))
-        conn.execute("UPDATE events SET stream = ? WHERE position = ?", (to_first, first))
+    def set_values(to_first: object, to_second: object) -> None:
+        update = f"UPDATE events SET {column} = ? WHERE position = ?"
+        conn.execute(update, (moving, first))
+        conn.execute(update, (to_second, second))
+        conn.execute(update, (to_first, first))
 
-    set_streams("job-1", "job-0")  # the index follows
+    set_values(values[1], values[0])  # the index follows
     conn.execute("PRAGMA writable_schema = ON")
     conn.execute("DELETE FROM sqlite_master WHERE name = 'events_version_stream'")
     conn.close()
     conn = sqlite3.connect(path, isolation_level=None)
-    set_streams("job-0", "job-1")  # the table back as it was; the index, hidden, stays
+    set_values(*values)  # the table back as it was; the index, hidden, stays
     conn.execute("PRAGMA writable_schema = ON")
     conn.execute("INSERT INTO sqlite_master VALUES (?, ?, ?, ?, ?)", index)
     conn.close()
@@ -426,16 +434,18 @@ def _with_two_events_index_entries_swapped(content: bytes, tmp_path: Path) -> by
     return path.read_bytes()
 
 
-@pytest.mark.parametrize("damaged", [_with_an_events_index_entry_renamed,
-                                     _with_two_events_index_entries_swapped],
-                         ids=["an-entry-renamed", "two-entries-trade-rows"])
+@pytest.mark.parametrize("damaged", [
+    _with_an_events_index_entry_renamed,
+    _with_two_events_index_entries_swapped,
+    functools.partial(_with_two_events_index_entries_swapped, column="version"),
+], ids=["an-entry-renamed", "two-jobs-entries-trade-rows", "one-jobs-entries-trade-rows"])
 def test_an_events_index_that_does_not_match_its_table_is_refused_on_open(tmp_path, small_log,
                                                                            damaged):
     """An open does not run integrity_check's lookup of every event in the events index (most
-    of its time on a long log); it compares per-job sums read from the index and from the
-    table. That must refuse what integrity_check refuses: reads by job go through this index.
-    Regression: two entries trading rows passed a first, replay-based summary, and the runtime
-    then served job-1's event as job-0's."""
+    of its time on a long log); it compares sums over the index entries with the same sums
+    over the rows it replays. That must refuse what integrity_check refuses: reads by job go
+    through this index. Regression: two entries trading rows passed a first, replay-based
+    summary, and the runtime then served job-1's event as job-0's."""
     path = _write(tmp_path, damaged(small_log, tmp_path))
     with EventStore(path, mode="readonly") as store:
         assert not store.verify().ok
