@@ -1,11 +1,12 @@
-"""Shared test helpers: spec factories and condition waits (no sleeping and hoping)."""
+"""Shared test helpers: spec factories, a test runtime, and condition waits (no sleeping and
+hoping)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 
-from flowactors import GRPOConfig, JobSpec, TrainingQuery
+from flowactors import GRPOConfig, JobSpec, Runtime, TrainingQuery
 
 QUERIES = [TrainingQuery(query=f"query {i}", expected_outcome={"answer": str(i)})
            for i in range(10)]
@@ -19,6 +20,13 @@ def sim_spec(agent_id: str = "agent", *, task_options: dict | None = None,
     return JobSpec(agent_id=agent_id, training_data=QUERIES,
                    config=GRPOConfig(**{**defaults, **config}), task="simulated",
                    task_options=task_options or {}, priority=priority)
+
+
+def open_runtime(path, **kwargs) -> Runtime:
+    """A runtime for tests: no fsync (the tests do not cut the power), no signal handlers."""
+    kwargs.setdefault("synchronous", "off")
+    kwargs.setdefault("handle_signals", False)
+    return Runtime(path, **kwargs)
 
 
 def wait_until(condition: Callable[[], object], timeout: float = 10.0,

@@ -19,7 +19,7 @@ from pathlib import Path
 import msgspec
 import pytest
 from click.testing import CliRunner
-from helpers import sim_spec, wait_until
+from helpers import open_runtime, sim_spec, wait_until
 
 import flowactors as fa
 from flowactors import job as core
@@ -47,10 +47,6 @@ def run(*args: str, db: Path | None = None):
     """Invoke the command in-process; stdout and stderr stay separate."""
     argv = [*args, *(["--db", str(db)] if db is not None else [])]
     return CliRunner().invoke(main, argv, catch_exceptions=False)
-
-
-def open_runtime(path) -> fa.Runtime:
-    return fa.Runtime(path, synchronous="off", handle_signals=False)
 
 
 def one_error_line(result) -> str:

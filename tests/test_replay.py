@@ -8,7 +8,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from helpers import sim_spec
+from helpers import open_runtime, sim_spec
 
 import flowactors as fa
 from flowactors import job as core
@@ -27,10 +27,6 @@ from flowactors.job import RecordIteration, SavedState
 from flowactors.store import EventStore, row_hash
 
 HISTORIES = Path(__file__).parent / "histories"
-
-
-def open_runtime(path) -> fa.Runtime:
-    return fa.Runtime(path, synchronous="off", handle_signals=False)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from helpers import QUERIES, sim_spec, wait_until
+from helpers import QUERIES, open_runtime, sim_spec, wait_until
 from structlog.testing import capture_logs
 
 import flowactors as fa
@@ -19,12 +19,6 @@ from flowactors.events import (
     JobRecovered,
 )
 from flowactors.store import EventStore
-
-
-def open_runtime(path, **kwargs) -> fa.Runtime:
-    kwargs.setdefault("synchronous", "off")
-    kwargs.setdefault("handle_signals", False)
-    return fa.Runtime(path, **kwargs)
 
 
 def event_types(rt, job_id):
