@@ -211,30 +211,51 @@ _READ_COLUMNS = _EVENT_COLUMNS.replace(
     "type", f"CASE WHEN type = '{_ITERATION[0]}' AND schema_version = {_ITERATION[1]} "
     "THEN NULL ELSE type END")
 _READ_COLUMNS_NO_HASH = _READ_COLUMNS.replace(", hash", ", ''")  # the same shape
-# An open checks the small tables entry by entry, and ties the events index to its table by
-# sums over every index entry (read from the index alone) and over every row (counted by the
-# replay, which reads the table): of a per-job weight (from the job's name) times 1, the
-# version, the position and position x version, modulo a prime. An entry naming another job,
-# version or position, or two entries trading positions, changes a sum. No sort of the log.
 _SMALL_TABLES = ("meta", "blobs", "blob_refs", "requests", "answers")
-_PRIME = 2**31 - 1  # every product of two residues fits SQLite's 64-bit integers
+# An open does not look up every event in the events index (integrity_check's way: most of its
+# time on a long log). It compares a fingerprint of the index, read from the index alone, with
+# the same fingerprint of the table's rows (tallied by the replay as it reads them): the count,
+# the exact sums of versions and of positions, and the sum over entries of the job's weight
+# times a mix of version and position, p * (a + v) + b * v (so two entries of one job trading
+# positions change it too), modulo a prime. The weights and the mix are drawn at random for
+# each open: damage to the index changes the fingerprint but for a chance of about 1 in 2^31.
+# (The exact sums overflow past about 4 billion events: such a log would be refused.)
+_PRIME = 2**31 - 1  # a product of two residues fits SQLite's 64-bit integers
 _WEIGHTS_TABLE = "temp.flowactors_job_weights"
-_INDEX_SUMS = f"""
-    SELECT count(*), sum(w.k), sum(e.version % {_PRIME} * w.k % {_PRIME}),
-           sum(e.position % {_PRIME} * w.k % {_PRIME}),
-           sum(e.position % {_PRIME} * (e.version % {_PRIME}) % {_PRIME} * w.k % {_PRIME})
+_INDEX_FINGERPRINT = f"""
+    SELECT count(*), sum(e.version), sum(e.position),
+           sum((e.position % {_PRIME} * ((?1 + e.version % {_PRIME}) % {_PRIME}) % {_PRIME}
+                + ?2 * (e.version % {_PRIME}) % {_PRIME}) % {_PRIME} * w.k % {_PRIME})
     FROM events AS e INDEXED BY events_version_stream
     CROSS JOIN {_WEIGHTS_TABLE} AS w ON w.stream = e.stream
-    WHERE e.position <= ?"""
+    WHERE typeof(e.version) = 'integer'"""
 
 
-class _JobWeights(dict[str, int]):
-    """A job's weight in the index sums: from its name alone, so both sides agree."""
+class _Fingerprint(dict[str, int]):
+    """One open's weights (by job, drawn from its name and a random key) and mix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._key = os.urandom(16)
+        self.mix = tuple(1 + int.from_bytes(os.urandom(8), "little") % (_PRIME - 1)
+                         for _ in range(2))
 
     def __missing__(self, stream: str) -> int:
-        digest = hashlib.blake2b(stream.encode("utf-8", "surrogatepass"), digest_size=8)
-        weight = self[stream] = 1 + int.from_bytes(digest.digest(), "little") % (_PRIME - 1)
+        if type(stream) is not str:
+            raise TypeError(f"a job named by {type(stream).__name__}, not text")
+        digest = hashlib.blake2b(stream.encode("utf-8", "surrogatepass"), digest_size=8,
+                                 key=self._key).digest()
+        weight = self[stream] = 1 + int.from_bytes(digest, "little") % (_PRIME - 1)
         return weight
+
+    def mixed(self, rows: Iterable[Sequence[Any]]) -> int:
+        """The weighted sum over rows of (position, stream, version, ...), not yet reduced."""
+        a, b = self.mix
+        total = 0
+        for row in rows:
+            position, version = row[0], row[2]
+            total += self[row[1]] * (position * (a + version) + b * version)
+        return total
 
 
 _SELECT_HEAD = "SELECT position, hash FROM events ORDER BY position DESC LIMIT 1"
@@ -1432,11 +1453,12 @@ class OpenCheck:
     """The checks of a log besides its replay, running meanwhile (`EventStore.check_meanwhile`).
 
     On another thread (SQLite and hashlib release the GIL): every blob against its address,
-    every page (quick_check), the small tables' indexes entry by entry, and the sums of the
-    events index entries, which the rows the replay reads must match (integrity_check looks
-    up every event in the index: most of its time). In a process of its own, if asked: the
-    hash chain. With a replay that reads every event and checks each job's versions follow one
-    another, an open refuses what `verify` refuses, in a fraction of its time.
+    every page (quick_check), the small tables' indexes entry by entry, and the fingerprint
+    of the events index entries, which the rows the replay reads must match (integrity_check
+    looks up every event in the index: most of its time; see _INDEX_FINGERPRINT). In a
+    process of its own, if asked: the hash chain. With a replay that reads every event and
+    checks each job's versions follow one another, an open refuses what `verify` refuses
+    (the index but for a chance of about 1 in 2^31), in a fraction of its time.
     """
 
     def __init__(self, store: EventStore, chain_process: bool) -> None:
@@ -1445,9 +1467,9 @@ class OpenCheck:
         """The last position checked: replay up to it (a log being written grows meanwhile)."""
         self.conn: sqlite3.Connection | None = None  # the thread's, to interrupt it
         self._report: VerifyReport | None = None
-        self.index_sums: tuple[int, ...] | None = None  # the thread's (see _INDEX_SUMS)
-        self._table_sums: tuple[int, int] | None = None  # the replay's: see _tallied
-        self._weights = _JobWeights()
+        self.fingerprint = _Fingerprint()
+        self.index_sums: tuple[int, ...] | None = None  # the thread's: of entries up to upto
+        self._replay_mixed: int | None = None  # the replay's: see _tallied
         self._thread = threading.Thread(target=self._check_storage, daemon=True,
                                         name="flowactors-open-check")
         self._thread.start()
@@ -1474,34 +1496,35 @@ class OpenCheck:
         return itertools.chain.from_iterable(self._store._events(self._tallied(rows)))
 
     def _tallied(self, batches: Iterable[list[Any]]) -> Iterator[list[Any]]:
-        """Pass rows through, summing weight x position and weight x position x version (the
-        other sums of `_INDEX_SUMS` follow from each job's versions being 1, 2, 3...)."""
-        weights = self._weights
-        by_position = by_product = 0
+        """Pass rows through, adding up the fingerprint's weighted sum (its other sums follow
+        from the positions and from each job's versions being 1, 2, 3...)."""
+        mixed = 0
         for rows in batches:
-            for row in rows:
-                weighted = weights[row[1]] * row[0]
-                by_position += weighted
-                by_product += weighted * row[2]
+            try:
+                mixed += self.fingerprint.mixed(rows)
+            except TypeError as exc:
+                raise LogCorrupted(
+                    f"{self._store.path}: an event at positions {rows[0][0]} to {rows[-1][0]} "
+                    f"has a job or version of the wrong type ({exc}); run `flowactors verify`"
+                ) from None
             yield rows
-        self._table_sums = (by_position, by_product)
+        self._replay_mixed = mixed
 
     def _rows_match_index(self, versions: dict[str, int]) -> bool:
-        if self._table_sums is None:
+        if self._replay_mixed is None:
             raise RuntimeError("OpenCheck.finish() before its events() were all replayed")
-        weights = self._weights
-        count = sum(versions.values())
-        by_job = sum(weights[job] * last for job, last in versions.items())
-        by_version = sum(weights[job] * last * (last + 1) // 2 for job, last in versions.items())
-        rows = (count, *(total % _PRIME for total in (by_job, by_version, *self._table_sums)))
+        upto = self.upto
+        rows = (upto, sum(last * (last + 1) // 2 for last in versions.values()),
+                upto * (upto + 1) // 2, self._replay_mixed % _PRIME)
         return rows == self.index_sums
 
     def finish(self, versions: dict[str, int]) -> None:
-        """Wait for the checks of the log that the caller replayed up to position `upto`,
-        `versions` holding the last version it replayed of each stream.
+        """Wait for the checks of the log that the caller replayed up to position `upto`
+        (all of `events()`), `versions` holding the last version it replayed of each stream.
 
         Raises:
             LogCorrupted: a check failed, or the log checked was not the one replayed.
+            RuntimeError: `events()` was not replayed to its end.
         """
         path = self._store.path
         if self._process is not None:
@@ -1526,7 +1549,7 @@ class OpenCheck:
         problem = "the check did not finish" if report is None else report.problem
         if problem is None and not self._rows_match_index(versions):
             problem = ("SQLite index events_version_stream does not match the events table "
-                       "(sums of its entries' jobs, versions and positions differ)")
+                       "(the fingerprints of its entries and of the rows differ)")
         if problem is not None:
             raise LogCorrupted(f"{path} fails verification: {problem}; "
                                f"run `flowactors verify --db {path}`")
@@ -1646,27 +1669,40 @@ class _Verifier:
     def check_sqlite_for_open(self, open_check: OpenCheck) -> str | None:
         """What an open checks of SQLite's own structures, in a fraction of integrity_check's
         time on a long log: every page (quick_check), the small tables' indexes entry by
-        entry, and the sums of the events index entries (a covering scan) that `OpenCheck`
-        compares with the rows replayed, instead of a lookup per event."""
+        entry, and the fingerprint of the events index entries (a covering scan) that
+        `OpenCheck` compares with the rows replayed, instead of a lookup per event."""
         problem = self._pragma_check("quick_check")
         for table in _SMALL_TABLES:
             problem = problem or self._pragma_check(f"integrity_check({table})")
         if problem is None:
-            open_check.index_sums = self.index_sums(open_check.upto)
+            problem = self.fingerprint_index(open_check)
         return problem
 
-    def index_sums(self, upto: int) -> tuple[int, ...]:
-        """`_INDEX_SUMS` over the entries up to position `upto`, weighing each job as found
-        at its version 1 (an entry of a job with none there is left out: the count differs)."""
-        weights = _JobWeights()
-        self.conn.execute(f"CREATE TABLE {_WEIGHTS_TABLE} (stream TEXT PRIMARY KEY, "
-                          "k INTEGER NOT NULL) WITHOUT ROWID")
-        first = self.conn.execute("SELECT stream FROM events INDEXED BY events_version_stream "
-                                  "WHERE version = 1 AND position <= ?", (upto,)).fetchall()
-        self.conn.executemany(f"INSERT OR IGNORE INTO {_WEIGHTS_TABLE} VALUES (?, ?)",
-                              [(stream, weights[stream]) for stream, in first])
-        count, *sums = self.conn.execute(_INDEX_SUMS, (upto,)).fetchone()
-        return (count, *((total or 0) % _PRIME for total in sums))
+    def fingerprint_index(self, open_check: OpenCheck) -> str | None:
+        """Set `open_check.index_sums`: the fingerprint of every entry of the events index,
+        less that of the table's rows after `upto` (this snapshot may have more than the
+        replay reads). An entry of a job with no version 1 entry, or not of an integer
+        version, is left out: the count differs."""
+        upto, fingerprint = open_check.upto, open_check.fingerprint
+        conn = self.conn
+        conn.execute(f"CREATE TABLE {_WEIGHTS_TABLE} (stream TEXT PRIMARY KEY, "
+                     "k INTEGER NOT NULL) WITHOUT ROWID")
+        first = conn.execute("SELECT stream FROM events INDEXED BY events_version_stream "
+                             "WHERE version = 1 AND typeof(stream) = 'text'").fetchall()
+        conn.executemany(f"INSERT OR IGNORE INTO {_WEIGHTS_TABLE} VALUES (?, ?)",
+                         [(stream, fingerprint[stream]) for stream, in first])
+        count, versions, positions, mixed = (total or 0 for total in conn.execute(
+            _INDEX_FINGERPRINT, fingerprint.mix).fetchone())
+        after = conn.execute("SELECT position, stream, version FROM events WHERE position > ? "
+                             "ORDER BY position", (upto,)).fetchall()
+        try:
+            mixed -= fingerprint.mixed(after)
+        except TypeError as exc:
+            return (f"an event after position {upto} has a job or version of the wrong type "
+                    f"({exc})")
+        open_check.index_sums = (count - len(after), versions - sum(row[2] for row in after),
+                                 positions - sum(row[0] for row in after), mixed % _PRIME)
+        return None
 
     def _pragma_check(self, pragma: str) -> str | None:
         lines = [row[0] for row in self.conn.execute(f"PRAGMA {pragma}").fetchall()]

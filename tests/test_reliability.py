@@ -4,7 +4,6 @@ racing to own a log — and a regression test for each problem these harnesses f
 
 from __future__ import annotations
 
-import functools
 import sqlite3
 import subprocess
 import sys
@@ -387,45 +386,31 @@ def _with_an_events_index_entry_renamed(content: bytes, tmp_path: Path) -> bytes
     raise AssertionError("no copy of the stream name, changed, is an index entry alone")
 
 
-def _with_two_events_index_entries_swapped(content: bytes, tmp_path: Path,
-                                           column: str = "stream") -> bytes:
-    """The log with two events index entries pointing at each other's rows: those of version
-    2 of job-0 and of job-1 (column "stream"), or of versions 2 and 3 of job-0 ("version").
-    The table and its chain are unchanged and every page is sound (quick_check passes), but a
-    read through the index would serve one event for the other. Made by letting the index
-    follow swapped values, then swapping them back behind its back."""
-    path = tmp_path / "swapped.db"
+def _with_the_index_left_behind(content: bytes, tmp_path: Path, change: str,
+                                undo: str) -> bytes:
+    """The log after the SQL `change` with the events index following it, then `undo` behind
+    the index's back (hidden from SQLite meanwhile): the table and its chain as they were,
+    every page sound (quick_check passes), but the index telling another story, which
+    integrity_check sees."""
+    path = tmp_path / "damaged.db"
     path.write_bytes(content)
     conn = sqlite3.connect(path, isolation_level=None)
-    if column == "stream":
-        rows = dict(conn.execute("SELECT stream, position FROM events WHERE version = 2"))
-        (first, second), values, moving = (rows["job-0"], rows["job-1"]), ("job-0", "job-1"), "-"
-    else:
-        rows = dict(conn.execute("SELECT version, position FROM events WHERE stream = 'job-0'"))
-        (first, second), values, moving = (rows[2], rows[3]), (2, 3), -1
-    trigger = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'events_no_update'"
-                           ).fetchone()[0]
+    triggers = [sql for sql, in conn.execute(
+        "SELECT sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'events'")]
     index = conn.execute("SELECT * FROM sqlite_master WHERE name = 'events_version_stream'"
                          ).fetchone()
-    conn.execute("DROP TRIGGER events_no_update")
-
-    def set_values(to_first: object, to_second: object) -> None:
-        update = f"UPDATE events SET {column} = ? WHERE position = ?"
-        conn.execute(update, (moving, first))
-        conn.execute(update, (to_second, second))
-        conn.execute(update, (to_first, first))
-
-    set_values(values[1], values[0])  # the index follows
+    conn.executescript("".join(f"DROP TRIGGER {sql.split()[2]};" for sql in triggers))
+    conn.executescript(change)  # the index follows
     conn.execute("PRAGMA writable_schema = ON")
     conn.execute("DELETE FROM sqlite_master WHERE name = 'events_version_stream'")
     conn.close()
     conn = sqlite3.connect(path, isolation_level=None)
-    set_values(*values)  # the table back as it was; the index, hidden, stays
+    conn.executescript(undo)  # the table back as it was; the index, hidden, stays
     conn.execute("PRAGMA writable_schema = ON")
     conn.execute("INSERT INTO sqlite_master VALUES (?, ?, ?, ?, ?)", index)
     conn.close()
     conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute(trigger)
+    conn.executescript(";".join(triggers))
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     assert conn.execute("PRAGMA quick_check").fetchall() == [("ok",)]
     assert "events_version_stream" in " ".join(
@@ -434,24 +419,74 @@ def _with_two_events_index_entries_swapped(content: bytes, tmp_path: Path,
     return path.read_bytes()
 
 
-@pytest.mark.parametrize("damaged", [
-    _with_an_events_index_entry_renamed,
-    _with_two_events_index_entries_swapped,
-    functools.partial(_with_two_events_index_entries_swapped, column="version"),
-], ids=["an-entry-renamed", "two-jobs-entries-trade-rows", "one-jobs-entries-trade-rows"])
+_PRIME = 2**31 - 1  # the open's fingerprint counts modulo it: damage by it must still show
+_TRADE_JOBS = ("UPDATE events SET stream = '-' WHERE stream = 'job-0' AND version = 2;"
+               "UPDATE events SET stream = 'job-0' WHERE stream = 'job-1' AND version = 2;"
+               "UPDATE events SET stream = 'job-1' WHERE stream = '-'")  # twice: traded back
+_TRADE_VERSIONS = ("UPDATE events SET version = -1 WHERE stream = 'job-0' AND version = 2;"
+                   "UPDATE events SET version = 2 WHERE stream = 'job-0' AND version = 3;"
+                   "UPDATE events SET version = 3 WHERE stream = 'job-0' AND version = -1")
+_INDEX_DAMAGE = {  # (change the index follows, undo it does not see)
+    "entries-of-two-jobs-trade-rows": (_TRADE_JOBS, _TRADE_JOBS),
+    "entries-of-one-job-trade-rows": (_TRADE_VERSIONS, _TRADE_VERSIONS),
+    "an-entry-version-plus-the-prime": (
+        f"UPDATE events SET version = 2 + {_PRIME} WHERE stream = 'job-0' AND version = 2",
+        f"UPDATE events SET version = 2 WHERE stream = 'job-0' AND version = 2 + {_PRIME}"),
+    "an-entry-version-not-an-integer": (
+        "UPDATE events SET version = 2.5 WHERE stream = 'job-0' AND version = 2",
+        "UPDATE events SET version = 2 WHERE stream = 'job-0' AND version = 2.5"),
+    "an-entry-position-minus-the-prime": (
+        f"UPDATE events SET position = position - {_PRIME} WHERE stream = 'job-0' "
+        "AND version = 2",
+        f"UPDATE events SET position = position + {_PRIME} WHERE stream = 'job-0' "
+        "AND version = 2"),
+    "an-entry-past-the-head": (
+        "INSERT INTO events SELECT 10000, stream, 1000, type, schema_version, recorded_at, "
+        "data, hash FROM events WHERE position = 1",
+        "DELETE FROM events WHERE position = 10000"),
+}
+
+
+@pytest.mark.parametrize("damage", ["an-entry-renamed", *_INDEX_DAMAGE])
 def test_an_events_index_that_does_not_match_its_table_is_refused_on_open(tmp_path, small_log,
-                                                                           damaged):
+                                                                           damage):
     """An open does not run integrity_check's lookup of every event in the events index (most
-    of its time on a long log); it compares sums over the index entries with the same sums
-    over the rows it replays. That must refuse what integrity_check refuses: reads by job go
-    through this index. Regression: two entries trading rows passed a first, replay-based
-    summary, and the runtime then served job-1's event as job-0's."""
-    path = _write(tmp_path, damaged(small_log, tmp_path))
+    of its time on a long log); it compares a fingerprint of the index entries with that of
+    the rows it replays. That must refuse what integrity_check refuses: reads by job go
+    through this index. Regressions: two entries trading rows passed a first, replay-based
+    summary, and the runtime then served job-1's event as job-0's; versions and positions off
+    by the fingerprint's prime, a version stored as a real and an entry past the head passed
+    the first version of the fingerprint."""
+    content = (_with_an_events_index_entry_renamed(small_log, tmp_path)
+               if damage == "an-entry-renamed"
+               else _with_the_index_left_behind(small_log, tmp_path, *_INDEX_DAMAGE[damage]))
+    path = _write(tmp_path, content)
     with EventStore(path, mode="readonly") as store:
         assert not store.verify().ok
     with pytest.raises(fa.LogCorrupted, match="events_version_stream"):
         fa.Runtime(path, handle_signals=False).close()
     assert "events_version_stream" in _assert_one_line_cli_error(["status"], path)
+    assert not [t for t in threading.enumerate() if t.name == "flowactors-open-check"]
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.parametrize("chain_process", [True, False], ids=["chain-process", "in-thread"])
+def test_a_job_named_by_a_blob_is_refused_on_open_in_one_line(tmp_path, small_log, monkeypatch,
+                                                              chain_process):
+    """Regression: a row whose stream is a BLOB (a flipped bit in its record header) made
+    the open's fingerprint raise AttributeError: a traceback instead of LogCorrupted, or (on
+    the check's thread) a thread dying with a traceback on stderr."""
+    monkeypatch.setattr(rp, "CHAIN_CHECK_PROCESS_EVENTS", 0 if chain_process else 10**9)
+    path = _write(tmp_path, small_log)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("DROP TRIGGER events_no_update")
+    conn.execute("UPDATE events SET stream = CAST(stream AS BLOB) WHERE position = 1")
+    conn.close()
+    with EventStore(path, mode="readonly") as store:
+        assert not store.verify().ok
+    with pytest.raises(fa.LogCorrupted):
+        fa.Runtime(path, handle_signals=False).close()
+    _assert_one_line_cli_error(["status"], path)
     assert not [t for t in threading.enumerate() if t.name == "flowactors-open-check"]
 
 
