@@ -78,17 +78,19 @@ class SplitMix64(random.Random):
         self._state = a & _MASK64
         self.gauss_next = None
 
-    def random(self) -> float:
+    def _next64(self) -> int:
         self._state = state = (self._state + _GOLDEN_GAMMA) & _MASK64
-        return (_mix64(state) >> 11) * _UNIT
+        return _mix64(state)
+
+    def random(self) -> float:
+        return (self._next64() >> 11) * _UNIT
 
     def getrandbits(self, k: int) -> int:
         if k < 0:
             raise ValueError("number of bits must be non-negative")
         bits = 0
         for _ in range(-(-k // 64)):
-            self._state = state = (self._state + _GOLDEN_GAMMA) & _MASK64
-            bits = bits << 64 | _mix64(state)
+            bits = bits << 64 | self._next64()
         return bits >> (-k % 64)
 
     def getstate(self) -> tuple[int, float | None]:
