@@ -9,6 +9,7 @@ committed files differ from the code.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,19 @@ SOURCE_DIR = Path(__file__).resolve().parents[1] / "schemas"
 
 
 def _render(schema: dict[str, Any]) -> bytes:
-    return msgspec.json.format(msgspec.json.encode(schema, order="sorted"), indent=2) + b"\n"
+    return msgspec.json.format(
+        msgspec.json.encode(_normalised(schema), order="sorted"), indent=2) + b"\n"
+
+
+def _normalised(node: Any) -> Any:
+    """`node` with every description cleaned like `inspect.cleandoc`: msgspec releases differ
+    in how they indent a docstring, and the committed files must not depend on that."""
+    if isinstance(node, dict):
+        return {key: inspect.cleandoc(value) if key == "description" and isinstance(value, str)
+                else _normalised(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_normalised(item) for item in node]
+    return node
 
 
 def _with_version(schema: dict[str, Any], version: int) -> dict[str, Any]:
