@@ -9,7 +9,6 @@ stderr when it is a terminal.
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -19,7 +18,6 @@ from typing import Any, TextIO, TypeVar
 
 import click
 import msgspec
-import structlog
 
 from . import job as core
 from . import replay as rp
@@ -27,6 +25,7 @@ from . import schemas as schema_files
 from .demo import demo
 from .console import Failure
 from .errors import CheckpointNotFound, FlowError
+from .logs import log_to_stderr
 from .report import report
 from .views import JobView
 
@@ -63,12 +62,7 @@ def main(ctx: click.Context, verbose: bool) -> None:
     Example:
         flowactors status --db flow.db
     """
-    previous = structlog.get_config()
-    structlog.configure(
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.INFO if verbose else logging.WARNING))
-    ctx.call_on_close(lambda: structlog.configure(**previous))
+    ctx.call_on_close(log_to_stderr(verbose))
 
 
 def _db_option(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -1,17 +1,15 @@
-"""What the command-line shells share: one-line failures and quiet logs."""
+"""What the command-line shells share: one-line failures and logs on stderr."""
 
 from __future__ import annotations
 
-import logging
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import click
-import structlog
 
 from .errors import one_line
+from .logs import log_to_stderr
 
 EXIT_FAILED = 1
 
@@ -28,18 +26,16 @@ class Failure(click.ClickException):
 
 
 @contextmanager
-def quiet_logs() -> Iterator[None]:
-    """Run as a subcommand, the `flowactors` group has set up logging (warnings to stderr, or
-    more with -v). Run on its own, keep the runtime's info lines off standard output in the
-    same way; restored afterwards (tests share the process)."""
+def stderr_logs() -> Iterator[None]:
+    """Run as a subcommand, the `flowactors` group has sent logs to stderr (warnings, or more
+    with -v). Run on its own (a test, an application calling the command), do the same for
+    the duration; undone afterwards (tests share the process)."""
     context = click.get_current_context(silent=True)
     if context is not None and context.parent is not None:
         yield
         return
-    previous = structlog.get_config()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-                        logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    undo = log_to_stderr()
     try:
         yield
     finally:
-        structlog.configure(**previous)
+        undo()

@@ -25,7 +25,7 @@ from typing import Literal, TextIO
 import click
 import msgspec
 
-from .console import Failure, quiet_logs
+from .console import Failure, stderr_logs
 from .errors import FlowError, LogCorrupted, StoreLocked
 from .events import JobSubmitted
 from .job import JobState, evolve, initial_state
@@ -385,7 +385,7 @@ def demo(ctx: click.Context, db: Path, fresh: bool, n_jobs: int, n_iterations: i
         flowactors demo --jobs 2 --iterations 20 --db quick.db
     """
     out = sys.stdout
-    with quiet_logs():
+    with stderr_logs():
         try:
             plan = plan_run(db, fresh=fresh, n_jobs=n_jobs, n_iterations=n_iterations)
         except FlowError as exc:

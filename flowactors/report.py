@@ -20,7 +20,7 @@ from typing import Any
 import click
 import msgspec
 
-from .console import Failure, quiet_logs
+from .console import Failure, stderr_logs
 from .errors import FlowError, JobNotFound
 from .events import CheckpointSaved, IterationCompleted, JobRecovered, RecordedEvent
 from .job import JobState, evolve, initial_state
@@ -371,7 +371,7 @@ def report(job_ids: tuple[str, ...], db: Path, out: Path) -> None:
         raise Failure(INSTALL_HINT)
     if out.suffix.lower() not in (".html", ".htm"):
         raise Failure(f"--out {out}: the report is an HTML file (name it *.html)")
-    with quiet_logs():
+    with stderr_logs():
         try:
             data = load_report(db, job_ids)
         except FlowError as exc:

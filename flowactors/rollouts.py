@@ -17,13 +17,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import structlog
-
+from .logs import get_logger
 from .spec import JobSpec, TrainingQuery
 from .tasks import Task, Trajectory, failed_trajectory
 from .training import rollout_rng
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _STOP = object()
 

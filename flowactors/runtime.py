@@ -19,7 +19,6 @@ from types import FrameType
 from typing import Any
 
 import pykka
-import structlog
 
 from .actors import CancelRequest, JobActor, PauseRequest
 from .errors import (
@@ -48,6 +47,7 @@ from .job import (
     initial_state,
     view,
 )
+from .logs import get_logger
 from .replay import replay_log
 from .rollouts import Deadlines, RolloutPool
 from .spec import JobSpec, validate_spec
@@ -55,7 +55,7 @@ from .store import EventStore
 from .tasks import build_task, state_decoder
 from .views import CheckpointInfo, JobStatus, JobView
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 MAX_RESTARTS = 3
 INBOX_POLL_SECONDS = 0.1

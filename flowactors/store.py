@@ -35,11 +35,11 @@ from typing import Any, Literal
 
 import msgspec
 import sqlite_utils
-import structlog
 
 from . import chain
 from .chain import GENESIS_HASH, read_only_uri, row_hash
 from .codec import decode_event, encode_event
+from .logs import get_logger
 from .codec import digest as content_digest
 from .errors import (
     BlobNotFound,
@@ -67,7 +67,7 @@ __all__ = [
     "row_hash",
 ]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 FORMAT_VERSION = 1
 """The layout of the file; stored in `meta` and in `PRAGMA user_version`."""
