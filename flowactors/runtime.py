@@ -50,7 +50,7 @@ from .job import (
 from .logs import get_logger
 from .replay import replay_log
 from .rollouts import Deadlines, RolloutPool
-from .spec import JobSpec, validate_spec
+from .spec import JobSpec, validate_job_id, validate_spec
 from .store import EventStore
 from .tasks import build_task, state_decoder
 from .views import CheckpointInfo, JobStatus, JobView
@@ -134,12 +134,7 @@ class Runtime:
         """
         spec = validate_spec(spec)
         build_task(spec)  # an unknown task or bad options fails now, not in the actor
-        if job_id is None:
-            job_id = uuid.uuid4().hex
-        elif not isinstance(job_id, str) or not job_id or len(job_id) > 200 \
-                or not job_id.isprintable():
-            raise SpecError(f"job_id must be a non-empty printable string of at most 200 "
-                            f"characters, got {job_id!r}")
+        job_id = uuid.uuid4().hex if job_id is None else validate_job_id(job_id)
         with self._lock:
             self._check_open()
             state = self._states.get(job_id) or initial_state(job_id)
