@@ -8,8 +8,9 @@ from typing import Any
 
 import click
 
-from .errors import one_line
+from .errors import JobNotFound, one_line
 from .logs import log_to_stderr
+from .store import EventStore
 
 EXIT_FAILED = 1
 
@@ -23,6 +24,26 @@ class Failure(click.ClickException):
 
     def show(self, file: Any = None) -> None:
         click.echo(f"error: {one_line(self.message)}", err=True)
+
+
+def resolve_job(store: EventStore, given: str) -> str:
+    """The job `given` names: its full id, or a prefix that only one job's id starts with.
+
+    Raises:
+        JobNotFound: no job's id is or starts with `given`.
+        Failure: several do (the message names them).
+    """
+    if store.stream_version(given) > 0:
+        return given
+    shown = 5
+    matches = store.streams_starting_with(given, limit=shown + 1) if given else []
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise JobNotFound(f"job {given!r} not found in {store.path}")
+    more = " and more" if len(matches) > shown else ""
+    raise Failure(f"job id prefix {given!r} is ambiguous in {store.path}: candidates "
+                  f"{', '.join(matches[:shown])}{more}")
 
 
 @contextmanager

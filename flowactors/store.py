@@ -1276,6 +1276,18 @@ class EventStore:
                 high = middle
         return low
 
+    def streams_starting_with(self, prefix: str, limit: int) -> list[str]:
+        """Up to `limit` streams whose name starts with `prefix`, in name order (a range scan
+        of the events index over each stream's first event)."""
+        found = []
+        for (stream,) in self._execute("SELECT stream FROM events WHERE version = 1 AND "
+                                       "stream >= ? ORDER BY stream", (prefix,)):
+            if not isinstance(stream, str) or not stream.startswith(prefix) \
+                    or len(found) == limit:
+                break
+            found.append(stream)
+        return found
+
     def streams(self) -> dict[str, int]:
         """Every stream with its head version."""
         return dict(self._query("SELECT stream, max(version) FROM events GROUP BY stream"))
