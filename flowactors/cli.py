@@ -1,7 +1,8 @@
 """The `flowactors` command: inspect, replay, verify and export a log; control its jobs.
 
-A thin layer over `flowactors.replay`: every read-only subcommand opens the log read-only (it
-never creates a missing file nor changes one, and works while a runtime writes it). A user
+A thin layer over `flowactors.replay`, `history` and `remote`: every read-only subcommand
+opens the log read-only (it never creates a missing file nor changes one, and works while a
+runtime writes it). A user
 mistake prints one line, `error: ...`, to stderr and exits non-zero; logs go to stderr, so
 stdout carries only the output (JSON lines for `export`). Progress of long reads is shown on
 stderr when it is a terminal.
@@ -22,10 +23,11 @@ import msgspec
 import structlog
 
 from . import job as core
+from . import history, remote
 from . import replay as rp
 from . import schemas as schema_files
 from .demo import demo
-from .console import Failure
+from .console import Failure, summary
 from .errors import CheckpointNotFound, FlowError
 from .report import report
 from .views import JobView
@@ -216,7 +218,7 @@ def status(job: str | None, db: Path, as_json: bool) -> None:
 
 def _history_line(recorded: Any) -> str:
     return (f"{recorded.position:>8}  {recorded.version:>6}  {_time(recorded.recorded_at)}  "
-            f"{recorded.type:<28}  {rp.summary(recorded.event)}")
+            f"{recorded.type:<28}  {summary(recorded.event)}")
 
 
 @main.command()
@@ -244,7 +246,7 @@ def history(job: str, follow: bool, interval: float, db: Path, as_json: bool) ->
         def emit(events: Iterable[Any]) -> None:
             nonlocal state
             for recorded in events:
-                click.echo(rp.history_line(recorded).decode() if as_json
+                click.echo(history.history_line(recorded).decode() if as_json
                            else _history_line(recorded))
                 state = core.evolve(state, recorded)
 
@@ -404,7 +406,7 @@ def export(job: str | None, from_position: int, db: Path) -> None:
     out = sys.stdout.buffer
     with rp.open_log(db) as store:
         progress = _Progress("exporting")
-        for line in progress.counted(rp.export_lines(store, job_id=job,
+        for line in progress.counted(history.export_lines(store, job_id=job,
                                                      from_position=from_position),
                                      store.head()[0]):
             out.write(line + b"\n")
@@ -475,7 +477,7 @@ def _control_command(name: str, done: str, summary: str, example: str) -> click.
                   help="Seconds to wait for the owning runtime's answer.")
     @_db_option
     def command(job: str, timeout: float, db: Path) -> None:
-        outcome = rp.control(db, job, name, timeout=timeout)  # type: ignore[arg-type]
+        outcome = remote.control(db, job, name, timeout=timeout)  # type: ignore[arg-type]
         if outcome.outcome == "unanswered":
             raise Failure(outcome.reason, EXIT_UNANSWERED)
         if outcome.outcome == "rejected":

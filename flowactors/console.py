@@ -1,4 +1,4 @@
-"""What the command-line shells share: one-line failures and quiet logs."""
+"""What the command-line shells share: one-line failures, quiet logs, event summaries."""
 
 from __future__ import annotations
 
@@ -12,6 +12,21 @@ import click
 import structlog
 
 from .errors import one_line
+from .events import (
+    BudgetThresholdReached,
+    CheckpointSaved,
+    CheckpointsPruned,
+    IterationCompleted,
+    JobCancelled,
+    JobCompleted,
+    JobEvent,
+    JobFailed,
+    JobPaused,
+    JobRecovered,
+    JobResumed,
+    JobStarted,
+    JobSubmitted,
+)
 
 EXIT_FAILED = 1
 
@@ -43,3 +58,46 @@ def quiet_logs() -> Iterator[None]:
         yield
     finally:
         structlog.configure(**previous)
+
+
+def summary(event: JobEvent) -> str:
+    """A one-line, human summary of an event (for `flowactors history`)."""
+    match event:
+        case IterationCompleted():
+            failed = f", {event.n_failed}/{event.n_trajectories} failed" if event.n_failed else ""
+            return (f"iteration {event.iteration}: avg reward {event.avg_reward:.4f}, "
+                    f"loss {event.loss:.4f}, cost ${event.cost_usd:.4f}{failed}")
+        case JobSubmitted(spec=spec):
+            config = spec.config
+            budget = "" if config.max_budget_usd is None else \
+                f", budget ${config.max_budget_usd:g}"
+            return (f"agent {spec.agent_id}, task {spec.task}, {config.n_iterations} "
+                    f"iterations, seed {config.seed}{budget}")
+        case JobStarted():
+            return "admitted: running"
+        case CheckpointSaved():
+            return (f"checkpoint {event.iteration}: validation score "
+                    f"{event.validation_score:.4f}")
+        case CheckpointsPruned(iterations=iterations):
+            return f"pruned checkpoints {', '.join(map(str, iterations))}"
+        case BudgetThresholdReached():
+            return (f"{event.fraction:.0%} of the budget: ${event.cost_usd:.4f} of "
+                    f"${event.budget_usd:.4f}")
+        case JobPaused(iteration=iteration, state_ref=state_ref):
+            where = "with its trainer state" if state_ref else "to resume from its last checkpoint"
+            return f"paused after iteration {iteration}, {where}"
+        case JobResumed():
+            return "resumed: queued again"
+        case JobCancelled():
+            return f"cancelled after iteration {event.iteration}: {event.reason}"
+        case JobCompleted():
+            return (f"completed {event.iteration} iterations, validation score "
+                    f"{event.validation_score:.4f}")
+        case JobFailed():
+            return (f"failed ({event.reason}) after iteration {event.iteration}: "
+                    f"{event.error_type}: {event.message}")
+        case JobRecovered(from_checkpoint=checkpoint, attempt=attempt, cause=cause):
+            start = "the start" if checkpoint is None else f"checkpoint {checkpoint}"
+            return f"recovered after a {cause}: attempt {attempt}, from {start}"
+        case _:
+            return ""
