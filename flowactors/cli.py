@@ -23,12 +23,13 @@ import msgspec
 import structlog
 
 from . import job as core
-from . import history, remote
+from . import remote
 from . import replay as rp
 from . import schemas as schema_files
 from .demo import demo
 from .console import Failure, summary
 from .errors import CheckpointNotFound, FlowError
+from .history import export_lines, history_line
 from .report import report
 from .views import JobView
 
@@ -246,7 +247,7 @@ def history(job: str, follow: bool, interval: float, db: Path, as_json: bool) ->
         def emit(events: Iterable[Any]) -> None:
             nonlocal state
             for recorded in events:
-                click.echo(history.history_line(recorded).decode() if as_json
+                click.echo(history_line(recorded).decode() if as_json
                            else _history_line(recorded))
                 state = core.evolve(state, recorded)
 
@@ -406,7 +407,7 @@ def export(job: str | None, from_position: int, db: Path) -> None:
     out = sys.stdout.buffer
     with rp.open_log(db) as store:
         progress = _Progress("exporting")
-        for line in progress.counted(history.export_lines(store, job_id=job,
+        for line in progress.counted(export_lines(store, job_id=job,
                                                      from_position=from_position),
                                      store.head()[0]):
             out.write(line + b"\n")

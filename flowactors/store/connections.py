@@ -219,13 +219,19 @@ def connect_ro(path: str) -> sqlite3.Connection:
 
 
 class _Reader:
-    """A thread's read connection. Only the thread-local holds it strongly, so it goes (and
-    the connection closes) when the thread ends; the pool keeps a weak set to close the rest."""
+    """A thread's read connection. Only the thread-local holds it strongly, so it goes when
+    the thread ends, and closes its connection then: a connection is in a reference cycle
+    with its statement cache, so without the close it would stay open until a garbage
+    collection, and keep the owner's close from leaving one file. The pool keeps a weak set
+    to close the rest."""
 
     __slots__ = ("conn", "__weakref__")
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
+
+    def __del__(self) -> None:
+        self.conn.close()
 
 
 class ReaderPool:
