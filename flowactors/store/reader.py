@@ -188,8 +188,11 @@ class Reader:
                     ) -> Iterator[tuple[int, str, int, str, int, str, bytes]]:
         """Rows as stored (position, stream, version, type, schema_version, recorded_at,
         data), not decoded (for export)."""
-        for rows in self.batches(from_position, to_position, _EXPORT_COLUMNS, stream):
-            yield from rows
+        try:
+            for rows in self.batches(from_position, to_position, _EXPORT_COLUMNS, stream):
+                yield from rows
+        except (sqlite3.DatabaseError, UnicodeError) as exc:
+            raise LogCorrupted(f"cannot read {self.path}: {exc}") from None
 
     def read_stream(self, stream: str, from_version: int = 1) -> Iterator[RecordedEvent]:
         """See `EventStore.read_stream`."""
