@@ -17,7 +17,6 @@ from typing import Any, Protocol
 
 import msgspec
 import pykka
-import structlog
 
 from . import codec
 from .errors import FlowError
@@ -35,11 +34,12 @@ from .job import (
     fold,
     needs_saved_state,
 )
+from .logs import get_logger
 from .rollouts import Deadlines, RolloutBatch, RolloutPool, run_inline, runs_inline
 from .tasks import Task, Trajectory, state_decoder
 from .training import batch_for, split_data
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 class JobHost(Protocol):

@@ -10,7 +10,7 @@ stderr when it is a terminal.
 
 from __future__ import annotations
 
-import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -20,16 +20,16 @@ from typing import Any, TextIO, TypeVar
 
 import click
 import msgspec
-import structlog
 
 from . import job as core
 from . import remote
 from . import replay as rp
 from . import schemas as schema_files
 from .demo import demo
-from .console import Failure, summary
+from .console import Failure, resolve_job, summary
 from .errors import CheckpointNotFound, FlowError
 from .history import export_lines, history_line
+from .logs import log_to_stderr
 from .report import report
 from .views import JobView
 
@@ -38,17 +38,37 @@ __all__ = ["main"]
 T = TypeVar("T")
 
 EXIT_UNANSWERED = 3
+EXIT_BROKEN_PIPE = 141  # as a shell reports a process that SIGPIPE ended
 _json = msgspec.json.Encoder()
 
 
 class _Group(click.Group):
-    """Turns every FlowError of a subcommand into a one-line error (never a traceback)."""
+    """Turns every FlowError of a subcommand, and every failed write (a full disk, a closed
+    pipe), into a one-line error (never a traceback)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except FlowError as exc:
             raise Failure(str(exc)) from None
+        except BrokenPipeError:  # the reader went away (`| head`): nothing to say, as cat
+            _discard_stdout()
+            ctx.exit(EXIT_BROKEN_PIPE)
+        except OSError as exc:
+            _discard_stdout()
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise Failure(f"I/O failed{where}: {exc.strerror or exc}") from None
+
+
+def _discard_stdout() -> None:
+    """After a write to stdout failed, point it at /dev/null: what is left in its buffer would
+    fail again, with a traceback, when the interpreter flushes it at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is no file (a test's capture)
+        pass
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -66,12 +86,7 @@ def main(ctx: click.Context, verbose: bool) -> None:
     Example:
         flowactors status --db flow.db
     """
-    previous = structlog.get_config()
-    structlog.configure(
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.INFO if verbose else logging.WARNING))
-    ctx.call_on_close(lambda: structlog.configure(**previous))
+    ctx.call_on_close(log_to_stderr(verbose))
 
 
 def _db_option(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -197,7 +212,7 @@ def status(job: str | None, db: Path, as_json: bool) -> None:
     """
     with rp.open_log(db) as store:
         if job is not None:
-            view = core.view(rp.job_state(store, job))
+            view = core.view(rp.job_state(store, resolve_job(store, job)))
             if as_json:
                 _echo_json(view)
             else:
@@ -242,6 +257,7 @@ def history(job: str, follow: bool, interval: float, db: Path, as_json: bool) ->
         flowactors history 3f2a9c --follow --db flow.db
     """
     with rp.open_log(db) as store:
+        job = resolve_job(store, job)
         state = core.initial_state(job)
 
         def emit(events: Iterable[Any]) -> None:
@@ -289,6 +305,7 @@ def replay_command(job: str | None, until: int | None, check: bool, db: Path,
         flowactors replay --check --db flow.db
     """
     with rp.open_log(db) as store:
+        job = None if job is None else resolve_job(store, job)
         progress = _Progress("replaying")
         events = progress.counted(rp.read_events(store, job_id=job, until=until),
                                   until or store.head()[0])
@@ -406,6 +423,7 @@ def export(job: str | None, from_position: int, db: Path) -> None:
     """
     out = sys.stdout.buffer
     with rp.open_log(db) as store:
+        job = None if job is None else resolve_job(store, job)
         progress = _Progress("exporting")
         for line in progress.counted(export_lines(store, job_id=job,
                                                      from_position=from_position),
@@ -435,6 +453,7 @@ def checkpoints(job: str, save: int | None, out: Path | None, db: Path, as_json:
     if (save is None) != (out is None):
         raise click.UsageError("--save ITERATION and --out FILE go together")
     with rp.open_log(db) as store:
+        job = resolve_job(store, job)
         state = rp.job_state(store, job)
         infos = core.checkpoint_infos(state)
         if save is not None and out is not None:
@@ -478,6 +497,8 @@ def _control_command(name: str, done: str, summary: str, example: str) -> click.
                   help="Seconds to wait for the owning runtime's answer.")
     @_db_option
     def command(job: str, timeout: float, db: Path) -> None:
+        with rp.open_log(db) as store:
+            job = resolve_job(store, job)
         outcome = remote.control(db, job, name, timeout=timeout)  # type: ignore[arg-type]
         if outcome.outcome == "unanswered":
             raise Failure(outcome.reason, EXIT_UNANSWERED)

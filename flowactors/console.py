@@ -1,17 +1,15 @@
-"""What the command-line shells share: one-line failures, quiet logs, event summaries."""
+"""What the command-line shells share: one-line failures, logs on stderr, event
+summaries."""
 
 from __future__ import annotations
 
-import logging
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import click
-import structlog
 
-from .errors import one_line
+from .errors import JobNotFound, one_line
 from .events import (
     BudgetThresholdReached,
     CheckpointSaved,
@@ -27,6 +25,8 @@ from .events import (
     JobStarted,
     JobSubmitted,
 )
+from .logs import log_to_stderr
+from .store import EventStore
 
 EXIT_FAILED = 1
 
@@ -42,22 +42,40 @@ class Failure(click.ClickException):
         click.echo(f"error: {one_line(self.message)}", err=True)
 
 
+def resolve_job(store: EventStore, given: str) -> str:
+    """The job `given` names: its full id, or a prefix that only one job's id starts with.
+
+    Raises:
+        JobNotFound: no job's id is or starts with `given`.
+        Failure: several do (the message names them).
+    """
+    if store.stream_version(given) > 0:
+        return given
+    shown = 5
+    matches = store.streams_starting_with(given, limit=shown + 1) if given else []
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise JobNotFound(f"job {given!r} not found in {store.path}")
+    more = " and more" if len(matches) > shown else ""
+    raise Failure(f"job id prefix {given!r} is ambiguous in {store.path}: candidates "
+                  f"{', '.join(matches[:shown])}{more}")
+
+
 @contextmanager
-def quiet_logs() -> Iterator[None]:
-    """Run as a subcommand, the `flowactors` group has set up logging (warnings to stderr, or
-    more with -v). Run on its own, keep the runtime's info lines off standard output in the
-    same way; restored afterwards (tests share the process)."""
+def stderr_logs() -> Iterator[None]:
+    """Run as a subcommand, the `flowactors` group has sent logs to stderr (warnings, or more
+    with -v). Run on its own (a test, an application calling the command), do the same for
+    the duration; undone afterwards (tests share the process)."""
     context = click.get_current_context(silent=True)
     if context is not None and context.parent is not None:
         yield
         return
-    previous = structlog.get_config()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-                        logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    undo = log_to_stderr()
     try:
         yield
     finally:
-        structlog.configure(**previous)
+        undo()
 
 
 def summary(event: JobEvent) -> str:

@@ -25,7 +25,7 @@ from typing import Literal, TextIO
 import click
 import msgspec
 
-from .console import Failure, quiet_logs
+from .console import Failure, stderr_logs
 from .errors import FlowError, LogCorrupted, StoreLocked
 from .events import JobSubmitted
 from .job import JobState, evolve, initial_state
@@ -385,7 +385,7 @@ def demo(ctx: click.Context, db: Path, fresh: bool, n_jobs: int, n_iterations: i
         flowactors demo --jobs 2 --iterations 20 --db quick.db
     """
     out = sys.stdout
-    with quiet_logs():
+    with stderr_logs():
         try:
             plan = plan_run(db, fresh=fresh, n_jobs=n_jobs, n_iterations=n_iterations)
         except FlowError as exc:
@@ -395,6 +395,7 @@ def demo(ctx: click.Context, db: Path, fresh: bool, n_jobs: int, n_iterations: i
 
 
 def _run(plan: RunPlan, out: TextIO, *, live: bool) -> int:
+    rt = _open(plan.path)  # before anything is announced: the log may be another's
     specs = plan.specs
     any_spec = next(iter(specs.values()))
     n_held_out = len(split_data(any_spec)[1])
@@ -416,15 +417,7 @@ def _run(plan: RunPlan, out: TextIO, *, live: bool) -> int:
                if not s.status.is_terminal and s.started_at is not None}
     started = time.monotonic()
     display = Display(out, live=live)
-    rt: Runtime | None = None
     try:
-        try:
-            rt = Runtime(plan.path)
-        except StoreLocked as exc:
-            raise Failure(
-                f"{plan.path} is in use by another flowactors process ({exc})") from None
-        except LogCorrupted as exc:
-            raise Failure(str(exc)) from None
         for job_id, spec in specs.items():
             state = plan.states.get(job_id)
             if state is None:
@@ -449,8 +442,7 @@ def _run(plan: RunPlan, out: TextIO, *, live: bool) -> int:
         rt.close()
     except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C; SIGTERM (the runtime closed)
         display.finish()
-        if rt is not None:
-            rt.close()
+        rt.close()
         click.echo(f"\n{'Interrupted' if isinstance(exc, KeyboardInterrupt) else 'Stopped'}: "
                    f"the runtime closed cleanly and {plan.path} is intact. Run the demo again "
                    f"to resume the unfinished jobs from their last checkpoints.", file=out)
@@ -459,10 +451,18 @@ def _run(plan: RunPlan, out: TextIO, *, live: bool) -> int:
         return 130
     except FlowError as exc:
         display.finish()
-        if rt is not None:
-            rt.close()
+        rt.close()
         raise Failure(str(exc)) from None
     return _summary(plan, views, time.monotonic() - started, out)
+
+
+def _open(path: Path) -> Runtime:
+    try:
+        return Runtime(path)
+    except StoreLocked as exc:
+        raise Failure(f"{path} is in use by another flowactors process ({exc})") from None
+    except LogCorrupted as exc:
+        raise Failure(str(exc)) from None
 
 
 def _rows(rt: Runtime, specs: dict[str, JobSpec], resumed: dict[str, int]

@@ -20,7 +20,7 @@ from typing import Any
 import click
 import msgspec
 
-from .console import Failure, quiet_logs
+from .console import Failure, resolve_job, stderr_logs
 from .errors import FlowError, JobNotFound
 from .events import CheckpointSaved, IterationCompleted, JobRecovered, RecordedEvent
 from .job import JobState, evolve, initial_state
@@ -371,14 +371,19 @@ def report(job_ids: tuple[str, ...], db: Path, out: Path) -> None:
         raise Failure(INSTALL_HINT)
     if out.suffix.lower() not in (".html", ".htm"):
         raise Failure(f"--out {out}: the report is an HTML file (name it *.html)")
-    with quiet_logs():
+    with stderr_logs():
         try:
+            with EventStore(db, mode="readonly") as store:
+                job_ids = tuple(resolve_job(store, job_id) for job_id in job_ids)
             data = load_report(db, job_ids)
         except FlowError as exc:
             raise Failure(str(exc)) from None
     if not data.jobs:
         raise Failure(f"{db} holds no jobs yet")
-    write_report(data, out)
+    try:
+        write_report(data, out)
+    except OSError as exc:
+        raise Failure(f"cannot write the report to {out}: {exc.strerror or exc}") from None
     points = sum(len(j.iterations) for j in data.jobs)
     recovered = sum(len(j.recoveries) for j in data.jobs)
     click.echo(f"Wrote {out}: {len(data.jobs)} job(s), {points} iterations, "

@@ -17,15 +17,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import structlog
-
+from .logs import get_logger
 from .spec import JobSpec, TrainingQuery
 from .tasks import Task, Trajectory, failed_trajectory
 from .training import rollout_rng
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _STOP = object()
+MAX_WAIT_S = 3600.0
+"""The longest single wait for a deadline (a far one is waited for in steps)."""
 
 
 class RolloutPool:
@@ -98,16 +99,18 @@ class Deadlines:
             self._cond.notify()
 
     def _run(self) -> None:
+        """Serve every job's deadlines: whatever one job's deadline or callback brings is
+        logged, and the thread goes on serving the others."""
         while True:
-            with self._cond:
-                while not self._closed and (
-                        not self._heap or self._heap[0][0] > time.monotonic()):
-                    timeout = self._heap[0][0] - time.monotonic() if self._heap else None
-                    self._cond.wait(timeout)
-                if self._closed:
-                    return
-                _, _, callback = heapq.heappop(self._heap)
             try:
+                with self._cond:
+                    while not self._closed and (
+                            not self._heap or self._heap[0][0] > time.monotonic()):
+                        timeout = self._heap[0][0] - time.monotonic() if self._heap else None
+                        self._cond.wait(None if timeout is None else min(timeout, MAX_WAIT_S))
+                    if self._closed:
+                        return
+                    _, _, callback = heapq.heappop(self._heap)
                 callback()
             except BaseException:
                 log.exception("deadline_callback_error")

@@ -18,8 +18,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import msgspec
 import pykka
-import structlog
 
 from .actors import CancelRequest, JobActor, PauseRequest
 from .errors import (
@@ -46,14 +46,15 @@ from .job import (
     initial_state,
     view,
 )
+from .logs import get_logger
 from .replay import replay_log
 from .rollouts import Deadlines, RolloutPool
-from .spec import JobSpec, validate_spec
+from .spec import JobSpec, validate_job_id, validate_spec
 from .store import EventStore
 from .tasks import build_task, state_decoder
 from .views import CheckpointInfo, JobStatus, JobView
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 MAX_RESTARTS = 3
 INBOX_POLL_SECONDS = 0.1
@@ -96,6 +97,7 @@ class Runtime:
         self._actors: dict[str, pykka.ActorRef] = {}
         self._restarts: dict[str, int] = {}
         self._stalled: dict[str, str] = {}
+        self._unloadable: dict[str, str] = {}  # job -> why its task does not load here now
         self._watchers: list[tuple[str | None, Any]] = []
         self._previous_handlers: dict[int, Any] = {}
         self.ready = threading.Event()
@@ -132,12 +134,7 @@ class Runtime:
         """
         spec = validate_spec(spec)
         build_task(spec)  # an unknown task or bad options fails now, not in the actor
-        if job_id is None:
-            job_id = uuid.uuid4().hex
-        elif not isinstance(job_id, str) or not job_id or len(job_id) > 200 \
-                or not job_id.isprintable():
-            raise SpecError(f"job_id must be a non-empty printable string of at most 200 "
-                            f"characters, got {job_id!r}")
+        job_id = uuid.uuid4().hex if job_id is None else validate_job_id(job_id)
         with self._lock:
             self._check_open()
             state = self._states.get(job_id) or initial_state(job_id)
@@ -166,6 +163,8 @@ class Runtime:
         with self._lock:
             self._check_open()
             state = self._state(job_id)
+            if command == "resume" and job_id in self._unloadable:
+                return self._retry_task(state)
             actor = self._actors.get(job_id)
             if actor is None:
                 self._append_direct(state, decide(decision(command, reason), state))
@@ -226,8 +225,9 @@ class Runtime:
         if job_id in self._stalled:
             raise StoreUnavailable(f"job {job_id!r}: {self._stalled[job_id]}")
         if not done or not self._views[job_id].status.is_terminal:
+            waiting = self._views[job_id].waiting
             raise TimeoutError(f"job {job_id!r} is still {self._views[job_id].status.value} "
-                               f"after {timeout}s")
+                               f"after {timeout}s" + (f" (waiting: {waiting})" if waiting else ""))
         return self._views[job_id]
 
     def history(self, job_id: str) -> Iterator[RecordedEvent]:
@@ -360,12 +360,39 @@ class Runtime:
         assert state.spec is not None
         try:
             task = build_task(state.spec)
-        except SpecError as exc:  # the task's code is gone since the job was submitted
-            self._append_direct(state, decide(Fail(
-                reason="task_error", error_type="SpecError", message=str(exc)), state))
+        except SpecError as exc:
+            # The task's code does not load here (another directory or virtualenv): a problem
+            # of the environment, not of the job, which waits, unfinished, for its code.
+            reason = str(exc)
+            self._unloadable[state.job_id] = reason
+            self._views[state.job_id] = msgspec.structs.replace(
+                self._views[state.job_id], waiting=reason)
+            log.warning("task_unavailable", job_id=state.job_id, task=state.spec.task,
+                        error=str(exc))
             return
+        if self._views[state.job_id].waiting:
+            self._views[state.job_id] = view(state)
         self._actors[state.job_id] = JobActor.start(host=self, state=state, task=task,
                                                     start=start)
+
+    def _retry_task(self, state: JobState) -> JobView:
+        """`resume` of a job whose task did not load: try again; it goes on exactly where it
+        stopped (a running job from its last checkpoint, a queued one when admitted).
+
+        Raises:
+            SpecError: the task still cannot be loaded (the job keeps waiting).
+        """
+        job_id = state.job_id
+        del self._unloadable[job_id]
+        if state.status is JobStatus.QUEUED:
+            self._views[job_id] = view(state)
+            self._enqueue(job_id)
+            self._schedule()
+        else:
+            self._start_actor(state, None)
+        if job_id in self._unloadable:
+            raise SpecError(f"job {job_id!r} cannot resume: {self._unloadable[job_id]}")
+        return self._views[job_id]
 
     def _append_direct(self, state: JobState, events: list) -> None:
         """Append for a job that has no actor (called with the lock held)."""
@@ -383,6 +410,7 @@ class Runtime:
         job_id = state.job_id
         before = self._views.get(job_id)
         self._states[job_id] = state
+        self._unloadable.pop(job_id, None)  # a decision about it was recorded (pause, cancel)
         current = self._views[job_id] = view(state)
         if self._watchers:
             with self._changed:

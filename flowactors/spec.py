@@ -6,14 +6,25 @@ turns a msgspec ValidationError into a `SpecError` naming the field path.
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Annotated, Any
 
 import msgspec
 
 from .errors import SpecError, one_line
 
-PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+UPPER_BOUNDS = {"rollout_timeout_s": 7 * 24 * 3600.0, "max_budget_usd": 1e12,
+                "checkpoint_interval": 1_000_000}
+"""Bounds of the `GRPOConfig` fields that have none in their type: checked on submit, not on
+reading a log, so that a job recorded before they existed still replays. (An infinite
+timeout is `None`; one that overflows a wait stopped every job's timeouts.)"""
+
+JOB_ID_PATTERN = "[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,127}"
+"""Job ids end up in file names (recorded histories, reports): 1-128 characters of a safe
+set, not starting with `.`."""
+_JOB_ID = re.compile(JOB_ID_PATTERN)
 
 
 class TrainingQuery(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -32,7 +43,7 @@ class GRPOConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     n_trajectories_per_query: Annotated[int, msgspec.Meta(ge=1, le=16)] = 4
     learning_rate: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.1
     max_budget_usd: Annotated[float, msgspec.Meta(ge=0.0)] | None = None
-    checkpoint_interval: PositiveInt = 5
+    checkpoint_interval: Annotated[int, msgspec.Meta(ge=1)] = 5
     max_steps_per_trajectory: Annotated[int, msgspec.Meta(ge=1, le=100)] = 10
     gamma: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.99
     seed: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] = 0
@@ -71,7 +82,37 @@ def validate_spec(value: Any) -> JobSpec:
         raise SpecError(f"invalid job spec: {type(exc).__name__}: {one_line(str(exc))} - at "
                         f"`{_unencodable_path(value)}`") from None
     _require_storable(spec)
+    _require_finite(msgspec.to_builtins(spec))
+    for name, bound in UPPER_BOUNDS.items():
+        value = getattr(spec.config, name)
+        if value is not None and value > bound:
+            raise SpecError(f"invalid job spec: Expected a value <= {bound:g}, got {value!r} "
+                            f"- at `$.config.{name}`")
     return spec
+
+
+def validate_job_id(job_id: Any) -> str:
+    """Return `job_id` if it is a valid job id.
+
+    Raises:
+        SpecError: saying which characters and length are allowed.
+    """
+    if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
+        raise SpecError(f"invalid job id {job_id!r}: use 1-128 characters of A-Z a-z 0-9 "
+                        f"and . _ : - (not starting with .)")
+    return job_id
+
+
+def _require_finite(value: Any, path: str = "$") -> None:
+    """NaN and infinities do not survive the JSON of an exported history: refuse them,
+    naming the first one's path."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SpecError(f"invalid job spec: {value!r} is not a finite number - at `{path}`")
+    items = (value.items() if isinstance(value, dict) else
+             enumerate(value) if isinstance(value, list) else ())
+    for key, item in items:
+        _require_finite(item, path + (f"[{key}]" if isinstance(key, int)
+                                      else f".{one_line(str(key))}"))
 
 
 def _unencodable_path(value: Any, path: str = "$") -> str:

@@ -66,6 +66,10 @@ class JobView(msgspec.Struct, frozen=True, kw_only=True):
     priority: int = 0
     version: int = 0
     validation_score: float | None = None
+    waiting: str | None = None
+    """Why an unfinished job makes no progress although nothing is wrong with it: its task
+    cannot be loaded here, or no runtime owns its log. Set by whoever serves the view, not by
+    the job's events; None otherwise."""
 
 
 class CheckpointInfo(msgspec.Struct, frozen=True, kw_only=True):

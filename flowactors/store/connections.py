@@ -25,12 +25,12 @@ import weakref
 from datetime import datetime, timezone
 
 import msgspec
-import structlog
 
 from .chain import read_only_uri
 from ..errors import StoreLocked, StoreUnavailable
+from ..logs import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 BUSY_TIMEOUT_MS = 10_000
 # The writer's connection does not checkpoint the WAL itself (copying WAL pages into the

@@ -18,7 +18,6 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
-import structlog
 
 from ..codec import digest as content_digest
 from ..codec import encode_event
@@ -40,8 +39,9 @@ from .open_check import OpenCheck
 from .reader import Reader
 from .schema import FORMAT_VERSION, check_header, check_schema, create_schema
 from .writer import Writer, _Append, _Call
+from ..logs import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 Mode = Literal["owner", "readonly", "requester"]
 Synchronous = Literal["full", "normal", "off"]
@@ -323,6 +323,11 @@ class EventStore:
         if known is not None:
             return known
         return self._reader.stream_version(stream)
+
+    def streams_starting_with(self, prefix: str, limit: int) -> list[str]:
+        """Up to `limit` streams whose name starts with `prefix`, in name order (a range scan
+        of the events index over each stream's first event)."""
+        return self._reader.streams_starting_with(prefix, limit)
 
     def streams(self) -> dict[str, int]:
         """Every stream with its head version."""

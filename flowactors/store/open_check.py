@@ -19,7 +19,6 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-import structlog
 
 from ..errors import LogCorrupted
 from ..events import RecordedEvent
@@ -27,8 +26,9 @@ from ..ports import VerifyReport
 from . import chain, integrity
 from .connections import connect_ro
 from .reader import Reader
+from ..logs import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 _PRIME = integrity.PRIME
 
 

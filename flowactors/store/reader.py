@@ -216,6 +216,17 @@ class Reader:
         except (sqlite3.DatabaseError, UnicodeError) as exc:
             raise LogCorrupted(f"cannot read {self.path}: {exc}") from None
 
+    def streams_starting_with(self, prefix: str, limit: int) -> list[str]:
+        """See `EventStore.streams_starting_with`."""
+        found = []
+        for (stream,) in self.execute("SELECT stream FROM events WHERE version = 1 AND "
+                                      "stream >= ? ORDER BY stream", (prefix,)):
+            if not isinstance(stream, str) or not stream.startswith(prefix) \
+                    or len(found) == limit:
+                break
+            found.append(stream)
+        return found
+
     def streams(self) -> dict[str, int]:
         return dict(self.query("SELECT stream, max(version) FROM events GROUP BY stream"))
 

@@ -21,7 +21,6 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-import structlog
 
 from ..errors import ConcurrencyConflict, LogCorrupted, StoreUnavailable
 from ..events import Event, RecordedEvent
@@ -31,8 +30,9 @@ from .chain import frame_hash
 from .connections import connect_checkpointer
 from .reader import probe_head
 from .schema import SELECT_HEAD, head_of
+from ..logs import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 CHECKPOINT_ROWS = 4_096
 """Appended rows between two checkpoints of the WAL by the checkpointer thread."""

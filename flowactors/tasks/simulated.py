@@ -28,9 +28,9 @@ _NUMBERS = tuple(range(1, DIMENSIONS + 1))  # dimension i + 1 moves (i + 1) time
 class SimulatedOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     rollout_seconds: Annotated[float, msgspec.Meta(ge=0.0, le=3600.0)] = 0.0
     failure_rate: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.0
-    fail_at_iteration: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    cost_per_trajectory_usd: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
-    tokens_per_step: Annotated[int, msgspec.Meta(ge=0)] = 10
+    fail_at_iteration: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | None = None
+    cost_per_trajectory_usd: Annotated[float, msgspec.Meta(ge=0.0, le=1e6)] = 0.0
+    tokens_per_step: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 10
 
 
 class SimulatedPolicy(msgspec.Struct, frozen=True):

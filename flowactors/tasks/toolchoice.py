@@ -72,7 +72,7 @@ class ToolChoiceOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     """Sampling temperature of rollouts (evaluation is always greedy)."""
     feature_buckets: Annotated[int, msgspec.Meta(ge=8, le=4096)] = 256
     """Size of the hashed bag-of-words feature space."""
-    max_grad_norm: Annotated[float, msgspec.Meta(gt=0.0)] = 1.0
+    max_grad_norm: Annotated[float, msgspec.Meta(gt=0.0, le=1e6)] = 1.0
     """Global gradient norm above which the gradient is scaled down before Adam."""
 
 
