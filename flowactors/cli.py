@@ -1,7 +1,8 @@
 """The `flowactors` command: inspect, replay, verify and export a log; control its jobs.
 
-A thin layer over `flowactors.replay`: every read-only subcommand opens the log read-only (it
-never creates a missing file nor changes one, and works while a runtime writes it). A user
+A thin layer over `flowactors.replay`, `history` and `remote`: every read-only subcommand
+opens the log read-only (it never creates a missing file nor changes one, and works while a
+runtime writes it). A user
 mistake prints one line, `error: ...`, to stderr and exits non-zero; logs go to stderr, so
 stdout carries only the output (JSON lines for `export`). Progress of long reads is shown on
 stderr when it is a terminal.
@@ -13,30 +14,38 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import Any
 
 import click
-import msgspec
 
 from . import job as core
+from . import remote
 from . import replay as rp
 from . import schemas as schema_files
 from .demo import demo
-from .console import Failure, resolve_job
+from .console import (
+    Failure,
+    Progress,
+    detail,
+    echo_json,
+    moment,
+    number,
+    resolve_job,
+    status_rows,
+    summary,
+    table,
+)
 from .errors import CheckpointNotFound, FlowError
+from .history import export_lines, history_line
 from .logs import log_to_stderr
 from .report import report
-from .views import JobView
 
 __all__ = ["main"]
 
-T = TypeVar("T")
 
 EXIT_UNANSWERED = 3
 EXIT_BROKEN_PIPE = 141  # as a shell reports a process that SIGPIPE ended
-_json = msgspec.json.Encoder()
 
 
 class _Group(click.Group):
@@ -97,100 +106,6 @@ def _json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
                         help="Print JSON instead of text.")(fn)
 
 
-# --- output helpers ----------------------------------------------------------------------------
-
-
-class _Progress:
-    """A counter on stderr, only when stderr is a terminal: stdout never sees it."""
-
-    def __init__(self, label: str, stream: TextIO | None = None, every: float = 0.2) -> None:
-        self.label = label
-        self.stream = stream if stream is not None else sys.stderr
-        self.enabled = self.stream.isatty()
-        self.every = every
-        self.shown = False
-        self._next = 0.0  # the first update shows at once
-
-    def update(self, done: int, total: int | None = None) -> None:
-        if not self.enabled or time.monotonic() < self._next:
-            return
-        self._next = time.monotonic() + self.every
-        of = f"/{total}" if total else ""
-        self.stream.write(f"\r{self.label}: {done}{of} events")
-        self.stream.flush()
-        self.shown = True
-
-    def close(self) -> None:
-        if self.shown:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
-            self.shown = False
-
-    def counted(self, items: Iterable[T], total: int | None = None) -> Iterator[T]:
-        """Yield items, updating the counter every 1000 of them."""
-        done = 0
-        try:
-            for item in items:
-                yield item
-                done += 1
-                if done % 1000 == 0:
-                    self.update(done, total)
-        finally:
-            self.close()
-
-
-def _time(at: datetime | None) -> str:
-    return "-" if at is None else at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
-                     for line in [headers, *rows])
-
-
-def _money(value: float | None) -> str:
-    return "-" if value is None else f"${value:.4f}"
-
-
-def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
-def _status_rows(views: list[JobView]) -> str:
-    rows = [[v.job_id, v.agent_id, v.status.value,
-             f"{v.progress.current_iteration}/{v.progress.total_iterations}",
-             _number(v.metrics.get("avg_reward")), _money(v.cost.cost_usd),
-             "-" if v.best_checkpoint is None else str(v.best_checkpoint)]
-            for v in views]
-    return _table(["JOB", "AGENT", "STATUS", "ITERATION", "AVG REWARD", "COST", "BEST"], rows)
-
-
-def _detail(v: JobView) -> str:
-    budget = "" if v.cost.budget_usd is None else \
-        f" of {_money(v.cost.budget_usd)} ({_money(v.cost.budget_remaining_usd)} left)"
-    metrics = ", ".join(f"{k} {val:.4f}" for k, val in sorted(v.metrics.items())) or "-"
-    error = "-" if v.error is None else f"{v.error.reason}: {v.error.type}: {v.error.message}"
-    lines = [
-        ("job", v.job_id), ("agent", v.agent_id), ("task", v.task or "-"),
-        ("status", v.status.value),
-        ("progress", f"{v.progress.current_iteration}/{v.progress.total_iterations} "
-                     f"iterations ({v.progress.percent_complete:g}%)"),
-        ("metrics", metrics),
-        ("cost", f"{_money(v.cost.cost_usd)}{budget}, {v.cost.tokens_consumed} tokens"),
-        ("best", "-" if v.best_checkpoint is None else f"checkpoint {v.best_checkpoint}"),
-        ("validation", _number(v.validation_score)),
-        ("attempts", str(v.attempts)), ("error", error),
-        ("created", _time(v.created_at)), ("started", _time(v.started_at)),
-        ("finished", _time(v.finished_at)), ("version", str(v.version)),
-    ]
-    return "\n".join(f"{name:<11} {value}" for name, value in lines)
-
-
-def _echo_json(value: Any) -> None:
-    click.echo(_json.encode(value).decode())
-
-
 # --- status, history -----------------------------------------------------------------------
 
 
@@ -211,27 +126,27 @@ def status(job: str | None, db: Path, as_json: bool) -> None:
         if job is not None:
             view = core.view(rp.job_state(store, resolve_job(store, job)))
             if as_json:
-                _echo_json(view)
+                echo_json(view)
             else:
-                click.echo(_detail(view))
+                click.echo(detail(view))
             return
-        progress = _Progress("reading")
+        progress = Progress("reading")
         try:
             states = rp.replay_log(store, progress.update)
         finally:
             progress.close()
     views = [core.view(s) for s in states.values() if s.exists]
     if as_json:
-        _echo_json(views)
+        echo_json(views)
     elif views:
-        click.echo(_status_rows(views))
+        click.echo(status_rows(views))
     else:
         click.echo(f"no jobs in {db}")
 
 
 def _history_line(recorded: Any) -> str:
-    return (f"{recorded.position:>8}  {recorded.version:>6}  {_time(recorded.recorded_at)}  "
-            f"{recorded.type:<28}  {rp.summary(recorded.event)}")
+    return (f"{recorded.position:>8}  {recorded.version:>6}  {moment(recorded.recorded_at)}  "
+            f"{recorded.type:<28}  {summary(recorded.event)}")
 
 
 @main.command()
@@ -260,7 +175,7 @@ def history(job: str, follow: bool, interval: float, db: Path, as_json: bool) ->
         def emit(events: Iterable[Any]) -> None:
             nonlocal state
             for recorded in events:
-                click.echo(rp.history_line(recorded).decode() if as_json
+                click.echo(history_line(recorded).decode() if as_json
                            else _history_line(recorded))
                 state = core.evolve(state, recorded)
 
@@ -303,7 +218,7 @@ def replay_command(job: str | None, until: int | None, check: bool, db: Path,
     """
     with rp.open_log(db) as store:
         job = None if job is None else resolve_job(store, job)
-        progress = _Progress("replaying")
+        progress = Progress("replaying")
         events = progress.counted(rp.read_events(store, job_id=job, until=until),
                                   until or store.head()[0])
         if check:
@@ -315,7 +230,7 @@ def replay_command(job: str | None, until: int | None, check: bool, db: Path,
             raise Failure(f"job {job!r} has no events at or before position {until} in {db}")
     entries = [s for s in states.values() if s.exists]
     if as_json:
-        _echo_json({
+        echo_json({
             "position": seen.position, "events": seen.count,
             "jobs": [{"view": core.view(s), "state_digest": core.state_digest(s),
                       **({"state": s} if job is not None else {})} for s in entries]})
@@ -323,13 +238,13 @@ def replay_command(job: str | None, until: int | None, check: bool, db: Path,
     click.echo(f"state after position {seen.position} ({seen.count} events replayed)")
     if job is not None:
         state = states[job]
-        click.echo(_detail(core.view(state)))
+        click.echo(detail(core.view(state)))
         click.echo(f"{'digest':<11} {core.state_digest(state)}")
         return
     rows = [[s.job_id, s.status.value,
              f"{s.iteration}/{s.spec.config.n_iterations if s.spec else '?'}",
              str(s.version), core.state_digest(s)] for s in entries]
-    click.echo(_table(["JOB", "STATUS", "ITERATION", "VERSION", "STATE DIGEST"], rows)
+    click.echo(table(["JOB", "STATUS", "ITERATION", "VERSION", "STATE DIGEST"], rows)
                if rows else "no jobs")
 
 
@@ -350,7 +265,7 @@ class _Seen:
 def _check(report: rp.CheckReport, until: int | None, as_json: bool) -> None:
     scope = "" if until is None else f", up to position {until}"
     if as_json:
-        _echo_json({"ok": report.ok, "events": report.events,
+        echo_json({"ok": report.ok, "events": report.events,
                     "digests_checked": report.digests_checked, "mismatch": report.mismatch})
     if report.mismatch is not None:
         raise Failure(f"replay check failed at {report.mismatch}")
@@ -384,13 +299,13 @@ def verify(expect_head: str | None, db: Path, as_json: bool) -> None:
             raise click.BadParameter("expected a SHA-256 hash in hex (64 characters)",
                                      param_hint="--expect-head") from None
     with rp.open_log(db) as store:
-        progress = _Progress("verifying")
+        progress = Progress("verifying")
         try:
             result = rp.verify(store, expect_head, progress=progress.update)
         finally:
             progress.close()
     if as_json:
-        _echo_json(result)
+        echo_json(result)
     else:
         if result.ok:
             click.echo(f"ok: {result.events_checked} events and {result.blobs_checked} blobs "
@@ -421,8 +336,8 @@ def export(job: str | None, from_position: int, db: Path) -> None:
     out = sys.stdout.buffer
     with rp.open_log(db) as store:
         job = None if job is None else resolve_job(store, job)
-        progress = _Progress("exporting")
-        for line in progress.counted(rp.export_lines(store, job_id=job,
+        progress = Progress("exporting")
+        for line in progress.counted(export_lines(store, job_id=job,
                                                      from_position=from_position),
                                      store.head()[0]):
             out.write(line + b"\n")
@@ -471,18 +386,18 @@ def checkpoints(job: str, save: int | None, out: Path | None, db: Path, as_json:
                        f"state {info.state_ref}) to {out}")
             return
     if as_json:
-        _echo_json(infos)
+        echo_json(infos)
         return
     if not infos:
         click.echo(f"job {job} has no checkpoints")
         return
     best = core.best_checkpoint(state)
     rows = [[str(i.iteration), f"{i.validation_score:.4f}",
-             _number(i.metrics.get("avg_reward")), _number(i.metrics.get("loss")),
+             number(i.metrics.get("avg_reward")), number(i.metrics.get("loss")),
              "pruned" if i.pruned else ("kept, best" if best and best.iteration == i.iteration
                                         else "kept"),
              i.state_ref] for i in infos]
-    click.echo(_table(["ITERATION", "VALIDATION", "AVG REWARD", "LOSS", "STATE", "REF"], rows))
+    click.echo(table(["ITERATION", "VALIDATION", "AVG REWARD", "LOSS", "STATE", "REF"], rows))
 
 
 # --- control -----------------------------------------------------------------------------------
@@ -496,7 +411,7 @@ def _control_command(name: str, done: str, summary: str, example: str) -> click.
     def command(job: str, timeout: float, db: Path) -> None:
         with rp.open_log(db) as store:
             job = resolve_job(store, job)
-        outcome = rp.control(db, job, name, timeout=timeout)  # type: ignore[arg-type]
+        outcome = remote.control(db, job, name, timeout=timeout)  # type: ignore[arg-type]
         if outcome.outcome == "unanswered":
             raise Failure(outcome.reason, EXIT_UNANSWERED)
         if outcome.outcome == "rejected":

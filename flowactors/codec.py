@@ -17,11 +17,14 @@ from .errors import LogCorrupted
 from .events import EVENT_TYPES, Event, IterationCompleted, JobEvent, event_tag
 
 _encoder = msgspec.msgpack.Encoder()
-_decoders: dict[str, msgspec.msgpack.Decoder] = {
-    event_tag(cls): msgspec.msgpack.Decoder(cls) for cls in EVENT_TYPES
+DECODERS: dict[str, tuple[int, Callable[[bytes], Any]]] = {
+    event_tag(cls): (cls.schema_version, msgspec.msgpack.Decoder(cls).decode)
+    for cls in EVENT_TYPES
 }
+"""The one decoder table: each event type's current schema version and its decoder (the
+store's replay loop calls these directly; anything else goes through `decode_event`)."""
 _EVENT_CLASSES: dict[str, type[Event]] = {event_tag(cls): cls for cls in EVENT_TYPES}
-CURRENT_VERSIONS: dict[str, int] = {event_tag(cls): cls.schema_version for cls in EVENT_TYPES}
+CURRENT_VERSIONS: dict[str, int] = {tag: version for tag, (version, _) in DECODERS.items()}
 
 
 class IterationCompletedV1(msgspec.Struct, frozen=True, kw_only=True, tag_field="type",
@@ -76,7 +79,7 @@ def decode_event(type_: str, schema_version: int, data: bytes) -> JobEvent:
         raise LogCorrupted(f"unknown event type {type_!r} (schema version {schema_version})")
     try:
         if schema_version == current:
-            return _decoders[type_].decode(data)
+            return DECODERS[type_][1](data)  # type: ignore[no-any-return]
         upcaster = _UPCASTERS.get((type_, schema_version))
         if upcaster is None:
             raise LogCorrupted(

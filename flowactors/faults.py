@@ -19,11 +19,6 @@ for _item in filter(None, os.environ.get("FLOWACTORS_FAULTS", "").split(",")):
 _lock = threading.Lock()
 
 
-def armed(name: str) -> bool:
-    """True when a fault is configured at `name` (code may take its slower, pausable path)."""
-    return name in _TARGETS
-
-
 def fault_point(name: str) -> None:
     """Freeze here on the configured occurrence of `name` (no-op unless configured)."""
     if name not in _TARGETS:

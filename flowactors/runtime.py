@@ -32,14 +32,12 @@ from .errors import (
 )
 from .events import RecordedEvent
 from .faults import fault_point
+from .control import CONTROL_COMMANDS, CONTROL_REASON, ControlCommand, decision
 from .job import (
-    Cancel,
     Command,
     Fail,
     JobState,
-    Pause,
     Recover,
-    Resume,
     Start,
     Submit,
     checkpoint_infos,
@@ -160,7 +158,8 @@ class Runtime:
         """Cancel a job, mid-iteration if it runs; does not wait for abandoned rollouts."""
         return self._control(job_id, "cancel", reason)
 
-    def _control(self, job_id: str, command: str, reason: str = "requested") -> JobView:
+    def _control(self, job_id: str, command: ControlCommand, reason: str = "requested"
+                 ) -> JobView:
         with self._lock:
             self._check_open()
             state = self._state(job_id)
@@ -168,15 +167,13 @@ class Runtime:
                 return self._retry_task(state)
             actor = self._actors.get(job_id)
             if actor is None:
-                cmd: Command = {"pause": Pause, "resume": Resume,
-                                "cancel": lambda: Cancel(reason=reason)}[command]()
-                self._append_direct(state, decide(cmd, state))
+                self._append_direct(state, decide(decision(command, reason), state))
                 if command == "resume":
                     self._enqueue(job_id)
                     self._schedule()
                 return self._views[job_id]
             if command == "resume":
-                decide(Resume(), state)  # raises InvalidTransition: it is running or queued
+                decide(decision(command), state)  # raises InvalidTransition: it is running or queued
             try:
                 actor.tell(PauseRequest() if command == "pause" else CancelRequest(reason))
             except pykka.ActorDeadError:
@@ -471,9 +468,9 @@ class Runtime:
 
     def _answer(self, request: Any) -> None:
         try:
-            if request.command not in ("pause", "resume", "cancel"):
+            if request.command not in CONTROL_COMMANDS:
                 raise InvalidTransition(f"unknown command {request.command!r}")
-            self._control(request.job_id, request.command, "requested from another process")
+            self._control(request.job_id, request.command, CONTROL_REASON)
         except (FlowError, TimeoutError) as exc:
             if self.closing:
                 return

@@ -17,7 +17,7 @@ import msgspec
 
 from .codec import OLD_SHAPES
 from .events import EVENT_TYPES, JobEvent, event_tag
-from .replay import HistoryLine
+from .history import HistoryLine
 from .spec import JobSpec
 from .views import JobView
 

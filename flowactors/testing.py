@@ -19,7 +19,6 @@ Recorded histories (JSONL written by `flowactors export`, or by `record_history`
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,8 +31,9 @@ from .codec import event_from_builtins
 from .errors import LogCorrupted, one_line
 from .events import Event, RecordedEvent, event_tag
 from .job import Command, JobState, decide, fold, initial_state
-from .replay import CheckReport, HistoryLine, check, export_lines, open_log
-from .store import GENESIS_HASH, EventStore, row_hash
+from .history import HistoryLine, export_lines
+from .replay import CheckReport, check, open_log
+from .store import write_history
 
 __all__ = [
     "HistoryLine",
@@ -131,27 +131,12 @@ def log_from_history(history: str | Path, db_path: str | Path) -> Path:
     if db_path.exists():
         raise FileExistsError(f"{db_path} exists already")
     load_history(history)  # every line decodes, or a clear error before anything is written
-    with EventStore(db_path, mode="owner"):
-        pass  # creates the file and its schema
-    prev = GENESIS_HASH
-    rows = []
-    lines = (line for line in history.read_bytes().splitlines() if line.strip())
-    for position, raw in enumerate(lines, start=1):
-        line = _line_decoder.decode(raw)
-        data = msgspec.msgpack.encode({"type": line.type, **line.data})
-        at = line.recorded_at.isoformat()
-        prev = row_hash(prev, position, line.stream, line.version, line.type,
-                        line.schema_version, at, data)
-        rows.append((position, line.stream, line.version, line.type, line.schema_version, at,
-                     data, prev))
-    conn = sqlite3.connect(db_path, isolation_level=None)
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        conn.executemany("INSERT INTO events (position, stream, version, type, schema_version, "
-                         "recorded_at, data, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-        conn.execute("COMMIT")
-    finally:
-        conn.close()
+    lines = (_line_decoder.decode(raw) for raw in history.read_bytes().splitlines()
+             if raw.strip())
+    write_history(db_path, ((line.stream, line.version, line.type, line.schema_version,
+                             line.recorded_at.isoformat(),
+                             msgspec.msgpack.encode({"type": line.type, **line.data}))
+                            for line in lines))
     return db_path
 
 

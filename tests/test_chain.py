@@ -11,7 +11,7 @@ import pytest
 from helpers import sim_spec
 
 import flowactors as fa
-from flowactors import chain
+from flowactors.store import chain
 from flowactors import replay as replay_module
 from flowactors.store import EventStore
 

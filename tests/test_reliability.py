@@ -39,7 +39,8 @@ pytestmark = pytest.mark.usefixtures("quiet_logs")
 
 @pytest.mark.timeout(240)
 def test_sigkill_in_every_window_loses_no_acknowledged_event(tmp_path):
-    """A dozen SIGKILLs over two trials — inside a group commit, inside a checkpoint's blob write,
+    """A dozen SIGKILLs over two trials — in a group commit on its production path (before its
+    statement, and after it before any caller was told), inside a checkpoint's blob write,
     between iterations, during recovery and at random times — lose no acknowledged event,
     change none, leave no gap or duplicate, keep verify clean, and every job ends with the
     final state of an uninterrupted run."""
@@ -51,6 +52,7 @@ def test_sigkill_in_every_window_loses_no_acknowledged_event(tmp_path):
     assert figures.ok, "\n".join(figures.failures)
     assert figures.total_kills >= 8, figures.lines()
     assert figures.kills["commit"] >= 1 and figures.kills["checkpoint"] >= 1, figures.lines()
+    assert figures.kills["committed"] >= 1, figures.lines()
     assert figures.acked_checked > 0
     assert (figures.lost, figures.corrupted, figures.mismatched_final_states) == (0, 0, 0)
 

@@ -12,6 +12,9 @@ from helpers import open_runtime, sim_spec
 
 import flowactors as fa
 from flowactors import job as core
+from flowactors import console
+from flowactors import history
+from flowactors import remote
 from flowactors import replay as rp
 from flowactors import testing
 from flowactors.events import (
@@ -105,9 +108,9 @@ def test_read_events_stops_at_until_and_selects_one_job(log):
 def test_export_lines_read_back_as_the_recorded_events(log, tmp_path):
     """Every exported line parses (HistoryLine) back into the event the log holds."""
     with rp.open_log(log) as store:
-        lines = list(rp.export_lines(store))
+        lines = list(history.export_lines(store))
         events = list(store.read_all())
-        some = list(rp.export_lines(store, job_id="failed", from_position=5))
+        some = list(history.export_lines(store, job_id="failed", from_position=5))
     parsed = [testing.parse_history_line(line) for line in lines]
     assert unhashed(events) == parsed
     assert [testing.parse_history_line(line) for line in some] == \
@@ -119,7 +122,7 @@ def test_export_keeps_the_schema_version_a_row_was_written_in(tmp_path):
     schema 1, unchanged; reading them gives today's events (upcast)."""
     db = testing.log_from_history(HISTORIES / "completed_v1.jsonl", tmp_path / "v1.db")
     with rp.open_log(db) as store:
-        lines = [msgspec.json.decode(line) for line in rp.export_lines(store)]
+        lines = [msgspec.json.decode(line) for line in history.export_lines(store)]
         decoded = list(store.read_all())
     originals = [msgspec.json.decode(line) for line in
                  (HISTORIES / "completed_v1.jsonl").read_bytes().splitlines()]
@@ -127,7 +130,7 @@ def test_export_keeps_the_schema_version_a_row_was_written_in(tmp_path):
         [(ln["schema_version"], ln["data"]) for ln in originals]
     iteration = next(r for r in decoded if r.type == "job.iteration_completed")
     assert iteration.schema_version == 1 and isinstance(iteration.event, IterationCompleted)
-    again = testing.parse_history_line(rp.history_line(iteration))
+    again = testing.parse_history_line(history.history_line(iteration))
     assert again.schema_version == 2 and again.event == iteration.event
 
 
@@ -170,7 +173,7 @@ def test_an_undecodable_row_is_named_by_position(tmp_path):
             read.extend(store.read_all())
         assert [r.position for r in read] == list(range(1, position))  # the rows before it
         with pytest.raises(fa.LogCorrupted, match=f"position {position}: unknown event type"):
-            list(rp.export_lines(store))
+            list(history.export_lines(store))
         with pytest.raises(fa.LogCorrupted, match=f"position {position}"):
             rp.check(store.read_all())
         report = rp.verify(store)
@@ -182,7 +185,7 @@ def test_every_event_type_has_a_summary_and_appears_in_the_histories():
     events = [r for path in HISTORIES.glob("*.jsonl") for r in testing.load_history(path)]
     assert {r.type for r in events} == {event_tag(cls) for cls in EVENT_TYPES}
     for recorded in events:
-        text = rp.summary(recorded.event)
+        text = console.summary(recorded.event)
         assert text and "\n" not in text
 
 
@@ -205,7 +208,7 @@ def test_pausing_a_running_job_with_no_runtime_records_its_recovery_first(stoppe
     would (back to the last checkpoint) and then the pause."""
     with EventStore(stopped_mid_run, mode="owner", synchronous="off") as store:
         before = rp.job_state(store, "job")
-        state = rp.decide_directly(store, "job", "pause")
+        state = remote.decide_directly(store, "job", "pause")
         added = list(store.read_stream("job", before.version + 1))
     assert before.status is fa.JobStatus.RUNNING and before.iteration > 4
     last = before.last_checkpoint.info.iteration
@@ -222,25 +225,25 @@ def test_direct_decisions_follow_the_lifecycle_and_write_nothing_when_illegal(
     with EventStore(stopped_mid_run, mode="owner", synchronous="off") as store:
         version = store.stream_version("job")
         with pytest.raises(fa.InvalidTransition, match="running"):
-            rp.decide_directly(store, "job", "resume")
+            remote.decide_directly(store, "job", "resume")
         assert store.stream_version("job") == version
-        state = rp.decide_directly(store, "job", "cancel")
+        state = remote.decide_directly(store, "job", "cancel")
         assert state.status is fa.JobStatus.CANCELLED
         with pytest.raises(fa.JobNotFound):
-            rp.decide_directly(store, "nope", "cancel")
+            remote.decide_directly(store, "nope", "cancel")
 
 
 def test_control_with_no_owner_decides_directly(stopped_mid_run, tmp_path):
     """control() on an ownerless log decides itself and reports it; the job must exist, and
     a missing log is not created."""
-    outcome = rp.control(stopped_mid_run, "job", "pause")
+    outcome = remote.control(stopped_mid_run, "job", "pause")
     assert outcome.outcome == "applied" and outcome.decided_by == "direct"
     assert outcome.view.status is fa.JobStatus.PAUSED
     with pytest.raises(fa.JobNotFound):
-        rp.control(stopped_mid_run, "nope", "pause")
+        remote.control(stopped_mid_run, "nope", "pause")
     missing = tmp_path / "missing.db"
     with pytest.raises(fa.LogNotFound):
-        rp.control(missing, "job", "pause")
+        remote.control(missing, "job", "pause")
     assert not missing.exists()
 
 

@@ -50,6 +50,7 @@ from flowactors.store import (
     _Append,
     row_hash,
 )
+from flowactors.store.writer import Writer
 
 SPEC = JobSpec(agent_id="agent-1", training_data=[TrainingQuery(query="2+2?")])
 WAIT = 10  # seconds: a bound on every wait, never a sleep
@@ -853,10 +854,10 @@ def test_a_broken_writer_fails_appends_and_still_closes(log_path: Path,
     store = EventStore(log_path)
     store.append("job-a", [JobStarted()], 0)
 
-    def broken(self: EventStore, appends: list) -> None:
+    def broken(self: Writer, appends: list) -> None:
         raise RuntimeError("bug in the writer")
 
-    monkeypatch.setattr(EventStore, "_commit", broken)
+    monkeypatch.setattr(Writer, "_commit", broken)
     with capture_logs() as logs, pytest.raises(StoreUnavailable, match="writer stopped"):
         store.append("job-a", [iteration(1)], 1)
     assert any(entry["event"] == "store_writer_crashed" for entry in logs)

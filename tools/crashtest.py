@@ -8,7 +8,10 @@ fixed set of deterministic jobs. The child reports every event it was acknowledg
 The parent kills the child with SIGKILL, restarts it, and repeats `--kills-per-trial` times,
 choosing for each kill a window:
 
-    commit      frozen inside a group commit's transaction (fault point `store.commit@N`)
+    commit      frozen in a group commit on the path nearly every batch takes (one INSERT
+                statement in autocommit), just before it (fault point `store.commit@N`)
+    committed   the same path, just after that statement committed and before any of the
+                batch's callers was told (`store.committed@N`)
     checkpoint  frozen inside the transaction writing a checkpoint's blob
                 (`store.commit_with_blobs@N`)
     iteration   between iterations, before an iteration's or checkpoint's append
@@ -45,9 +48,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
-WINDOWS = ("commit", "checkpoint", "iteration", "recovery", "random")
-DEFAULT_WEIGHTS = {"commit": 25, "checkpoint": 25, "iteration": 15, "recovery": 15,
-                   "random": 20}
+WINDOWS = ("commit", "committed", "checkpoint", "iteration", "recovery", "random")
+PRODUCTION_COMMIT = ("commit", "committed")
+"""The windows on the writer's production commit path (the single-statement group commit)."""
+DEFAULT_WEIGHTS = {"commit": 15, "committed": 15, "checkpoint": 20, "iteration": 15,
+                   "recovery": 15, "random": 20}
 CHILD_TIMEOUT = 300.0  # an uninterrupted child run; far above what it needs
 POINT_TIMEOUT = 60.0  # waiting for the child to reach its fault point
 
@@ -277,6 +282,8 @@ class Figures:
         return [
             f"trials: {self.trials}",
             f"kills: {self.total_kills} ({windows})",
+            f"kills on the production commit path (single-statement group commit): "
+            f"{sum(self.kills[w] for w in PRODUCTION_COMMIT)}",
             f"missed kill points (child finished first, not counted): {missed}",
             f"acknowledged events checked: {self.acked_checked}",
             f"lost: {self.lost}",
@@ -311,8 +318,8 @@ def choose_fault(rng: random.Random, window: str, state: LogState | None,
     remaining = state.remaining if state is not None else {j: 10 for j in intervals}
     left = sum(remaining.values())
     checkpoints = sum(n // intervals.get(j, 1) + 1 for j, n in remaining.items())
-    if window == "commit":  # a group commit often carries several jobs' appends
-        return f"store.commit@{rng.randint(1, max(1, left // 3))}"
+    if window in PRODUCTION_COMMIT:  # a group commit often carries several jobs' appends
+        return f"store.{window}@{rng.randint(1, max(1, left // 3))}"
     if window == "checkpoint":
         return f"store.commit_with_blobs@{rng.randint(1, max(1, checkpoints // 2))}"
     if window == "iteration":

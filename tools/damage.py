@@ -312,9 +312,10 @@ def make_originals(workdir: Path) -> list[Original]:
     if child.wait(timeout=crashtest.CHILD_TIMEOUT) != 0:
         raise RuntimeError(f"the source run failed: {crashtest._tail(src / 'stderr')}")
     # A request from another process, answered: damage may hit the inbox tables too.
+    from flowactors import remote
     from flowactors import replay as rp
 
-    rp.control(log, "job-0", "pause", timeout=5)
+    remote.control(log, "job-0", "pause", timeout=5)
     conn = sqlite3.connect(log)  # fold the WAL into the main file; the last close deletes it
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
