@@ -22,16 +22,42 @@ from flowactors.tasks import group_advantages
 
 
 class ProbeOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    seconds: float = 0.0             # a rollout sleeps up to this long (a random part of it)
+    seconds: float = 0.0             # a rollout sleeps between half this and this (random)
     spin_ms: float = 0.0             # then burns this much CPU in pure Python
     fail_query: str | None = None    # every rollout of this query raises
-    hang_query: str | None = None    # every rollout of this query waits until cancelled
+    hang_query: str | None = None    # every rollout of this query ("*": any) waits until cancelled
     marker_dir: str | None = None    # each rollout that starts leaves a file here
 
 
 class ProbeState(msgspec.Struct, frozen=True, kw_only=True):
     weight: float = 0.0
     orders: list[list[int]] = []     # the draws of each iteration's trajectories, in order
+
+
+class Probe:
+    """What this process's rollouts did: how many ran at once, which were cancelled."""
+
+    lock = threading.Lock()
+    in_flight = 0
+    most_in_flight = 0
+    cancelled: list[int] = []
+
+    @classmethod
+    def reset(cls) -> None:
+        with cls.lock:
+            cls.in_flight = cls.most_in_flight = 0
+            cls.cancelled = []
+
+    @classmethod
+    def enter(cls) -> None:
+        with cls.lock:
+            cls.in_flight += 1
+            cls.most_in_flight = max(cls.most_in_flight, cls.in_flight)
+
+    @classmethod
+    def leave(cls) -> None:
+        with cls.lock:
+            cls.in_flight -= 1
 
 
 def _draw(rng: random.Random) -> tuple[int, float]:
@@ -75,13 +101,13 @@ class ProbeTask:
         options = self.options
         draw, u = _draw(rng)
         _mark(options, draw)
-        if query.query == options.hang_query:
+        if options.hang_query in (query.query, "*"):
             cancelled.wait(120)
             raise InterruptedError("cancelled")
         if query.query == options.fail_query:
             raise RuntimeError(f"rollout of {query.query!r} failed on purpose")
         if options.seconds:
-            cancelled.wait(options.seconds * u)
+            cancelled.wait(options.seconds * (1 + u) / 2)
         if options.spin_ms:
             spin(options.spin_ms)
         return _trajectory(state, draw, u)
@@ -108,12 +134,20 @@ class AsyncProbeTask(ProbeTask):
         options = self.options
         draw, u = _draw(rng)
         _mark(options, draw)
-        if query.query == options.hang_query:
-            await asyncio.sleep(120)
-        if query.query == options.fail_query:
-            raise RuntimeError(f"rollout of {query.query!r} failed on purpose")
-        if options.seconds:
-            await asyncio.sleep(options.seconds * u)
+        Probe.enter()
+        try:
+            if options.hang_query in (query.query, "*"):
+                await asyncio.sleep(120)
+            if query.query == options.fail_query:
+                raise RuntimeError(f"rollout of {query.query!r} failed on purpose")
+            if options.seconds:
+                await asyncio.sleep(options.seconds * (1 + u) / 2)
+        except asyncio.CancelledError:
+            with Probe.lock:
+                Probe.cancelled.append(draw)
+            raise
+        finally:
+            Probe.leave()
         if options.spin_ms:
             spin(options.spin_ms)
         return _trajectory(state, draw, u)
