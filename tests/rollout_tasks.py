@@ -32,6 +32,7 @@ class ProbeOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 class ProbeState(msgspec.Struct, frozen=True, kw_only=True):
     weight: float = 0.0
     orders: list[list[int]] = []     # the draws of each iteration's trajectories, in order
+    errors: list[str] = []           # the errors of failed trajectories, in order
 
 
 class Probe:
@@ -119,7 +120,9 @@ class ProbeTask:
             for trajectory, advantage in zip(group, group_advantages(group)):
                 weight = weight * 0.999 + advantage * config.learning_rate * 0.01
         order = [t.data if not t.failed else -1 for group in groups for t in group]
-        return (ProbeState(weight=weight, orders=[*state.orders, order]),
+        errors = [t.error or "" for group in groups for t in group if t.failed]
+        return (ProbeState(weight=weight, orders=[*state.orders, order],
+                           errors=[*state.errors, *errors]),
                 {"loss": -weight})
 
     def evaluate(self, state: ProbeState, queries: list[TrainingQuery]) -> float:
