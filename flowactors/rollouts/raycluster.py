@@ -93,7 +93,8 @@ class RayRollouts:
         self._owns = not ray.is_initialized()
         if self._owns:
             self._connect()
-        self._wake = threading.Event()
+        self._wake = threading.Event()  # set on close
+        self._wake_check = threading.Event()  # check the cluster now
         self._watchdog: threading.Thread | None = None
         if self._owns:
             self._watchdog = threading.Thread(target=self._watch, daemon=True,
@@ -126,6 +127,7 @@ class RayRollouts:
             self._running.clear()
             self._waiting.clear()
         self._wake.set()
+        self._wake_check.set()
         for rollout in running:
             rollout.cancel_in_cluster()
         self.deadlines.close()
@@ -185,8 +187,25 @@ class RayRollouts:
         try:
             trajectory = _trajectory_decoder.decode(future.result())
         except Exception as exc:  # the worker or its node died, the object was lost, ...
-            trajectory = failed_trajectory(f"{type(exc).__name__}: {_first_line(exc)}")
+            failed = failed_trajectory(f"{type(exc).__name__}: {_first_line(exc)}")
+            if self._watchdog is None:
+                self._finished(rollout, failed)
+            else:  # a dying head kills workers first: is it this rollout, or the cluster?
+                self.deadlines.call_at(time.monotonic() + self._health_check_s,
+                                       lambda: self._judge(rollout, generation, failed))
+            return
         self._finished(rollout, trajectory)
+
+    def _judge(self, rollout: _Rollout, generation: int, failed: Trajectory) -> None:
+        """A rollout's worker died a moment ago: a failed trajectory, unless the whole
+        cluster is gone (then it is submitted again once the cluster is back)."""
+        with self._lock:
+            if generation != self._generation or self._unavailable is not None:
+                return
+        if self._gcs is not None and not _reachable(self._gcs):
+            self._wake_check.set()  # the watchdog takes it from here
+            return
+        self._finished(rollout, failed)
 
     def _finished(self, rollout: _Rollout, trajectory: Trajectory) -> None:
         with self._lock:
@@ -241,7 +260,9 @@ class RayRollouts:
 
     def _watch(self) -> None:
         """Check the cluster while rollouts are in flight; reconnect when it is gone."""
-        while not self._wake.wait(self._health_check_s):
+        while not self._wake.is_set():
+            self._wake_check.wait(self._health_check_s)
+            self._wake_check.clear()
             if self._closed:
                 return
             if self._unavailable is None:
