@@ -298,10 +298,7 @@ class RayRollouts:
                 pass
             return
         with self._lock:
-            self._unavailable = None
-            batches = {r.batch for r in self._waiting}
-        for batch in batches:
-            batch.forget_state()
+            self._unavailable = None  # batches put their state again: a new generation
         log.info("ray_cluster_reconnected", address=self.address)
         while True:
             with self._lock:
@@ -321,25 +318,23 @@ class _Batch:
         self.state = state
         self.iteration = iteration
         self.queries = [codec.encode(q) for q in queries]
-        self._state_ref: tuple[int, str, Any] | None = None
+        self._cached: tuple[int, tuple[str, Any, str, Any]] | None = None
         self._lock = threading.Lock()
         self._state_bytes = codec.encode(state)
         self._refs()  # now, on the job's thread: the put happens once per iteration
 
     def _refs(self) -> tuple[str, Any, str, Any]:
+        """The spec's and the state's object refs, put again after a reconnection."""
         backend = self.backend
-        spec_key, spec_ref = backend._put_spec(self.spec)
         with self._lock:
-            if self._state_ref is None or self._state_ref[0] != backend._generation:
-                generation = backend._generation
-                ref = backend._ray.put(self._state_bytes)
-                self._state_ref = (generation, ref.hex(), ref)
-            _, state_key, state_ref = self._state_ref
-        return spec_key, spec_ref, state_key, state_ref
-
-    def forget_state(self) -> None:
-        with self._lock:
-            self._state_ref = None
+            refs = self._cached
+            if refs is not None and refs[0] == backend._generation:
+                return refs[1]
+            generation = backend._generation
+            spec_key, spec_ref = backend._put_spec(self.spec)
+            state_ref = backend._ray.put(self._state_bytes)
+            self._cached = (generation, (spec_key, spec_ref, state_ref.hex(), state_ref))
+            return self._cached[1]
 
     def launch(self, unit: int, query_index: int, index: int, signal: threading.Event,
                resolve: Resolve) -> Any:
