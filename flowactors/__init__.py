@@ -13,13 +13,20 @@ from .errors import (
     StoreLocked,
     StoreUnavailable,
 )
+from typing import TYPE_CHECKING, Any
+
 from .events import RecordedEvent
+from .rollouts import AsyncRollouts, RolloutBackend, ThreadRollouts
 from .runtime import Runtime
 from .spec import GRPOConfig, JobSpec, TrainingQuery
 from .tasks import Task, TrainerState, Trajectory
 from .views import CheckpointInfo, JobStatus, JobView
 
+if TYPE_CHECKING:
+    from .rollouts.raycluster import RayRollouts
+
 __all__ = [
+    "AsyncRollouts",
     "BlobNotFound",
     "CheckpointInfo",
     "CheckpointNotFound",
@@ -33,13 +40,24 @@ __all__ = [
     "JobView",
     "LogCorrupted",
     "LogNotFound",
+    "RayRollouts",
     "RecordedEvent",
+    "RolloutBackend",
     "Runtime",
     "SpecError",
     "StoreLocked",
     "StoreUnavailable",
     "Task",
+    "ThreadRollouts",
     "TrainerState",
     "TrainingQuery",
     "Trajectory",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """`flowactors.RayRollouts` imports Ray (the optional extra) only when it is used."""
+    if name == "RayRollouts":
+        from .rollouts.raycluster import RayRollouts
+        return RayRollouts
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """JobActor: one pykka actor per running job.
 
-The iteration loop runs as messages to itself: an iteration starts its rollouts in the pool and
-returns; the pool's `_RolloutsDone` message finishes it. Between the two the actor is idle, so
+The iteration loop runs as messages to itself: an iteration starts its rollouts on the runtime's
+rollout backend and returns; the backend's `_RolloutsDone` message finishes it. Between the two the actor is idle, so
 cancel and pause requests are handled between steps, never queued behind a whole job. The actor is the only writer of its job's stream while it runs; every decision goes
 through `job.decide` and every state change through `job.evolve`.
 """
@@ -35,7 +35,7 @@ from .job import (
     needs_saved_state,
 )
 from .logs import get_logger
-from .rollouts import Deadlines, RolloutBatch, RolloutPool, run_inline, runs_inline
+from .rollouts import RolloutBackend, RolloutHandle, run_inline
 from .tasks import Task, Trajectory, state_decoder
 from .training import batch_for, split_data
 
@@ -46,10 +46,9 @@ class JobHost(Protocol):
     """What a job actor needs from the runtime that hosts it."""
 
     store: Any
-    pool: RolloutPool
+    rollouts: RolloutBackend  # where the job's rollouts run
     closing: bool
     ready: threading.Event  # set once the runtime has started every recovered job
-    deadlines: Deadlines
 
     def publish(self, state: JobState, recorded: Sequence[RecordedEvent]) -> None:
         """Called on the actor's thread after each durable append."""
@@ -101,9 +100,9 @@ class JobActor(pykka.ThreadingActor):
         self.start_command = start
         self.train, self.held_out = split_data(self.spec)
         self.trainer: Any = None
-        self.inline = runs_inline(task, self.spec)
+        self.inline = host.rollouts.runs_inline(task, self.spec)
         self.never_cancelled = threading.Event()  # inline rollouts run to completion
-        self.batch: RolloutBatch | None = None
+        self.batch: RolloutHandle | None = None
         self.pause_requested = False
         self.stopped_with: BaseException | None = None
         self.stopping = False
@@ -216,7 +215,7 @@ class JobActor(pykka.ThreadingActor):
         elif self.inline:
             self.actor_ref.tell(_RUN_INLINE)
         else:
-            self._start_iteration()  # rollouts run in the pool: requests still get handled
+            self._start_iteration()  # rollouts run elsewhere: requests still get handled
 
     def _start_iteration(self) -> None:
         if self.batch is not None or self.state.status.is_terminal:
@@ -228,11 +227,9 @@ class JobActor(pykka.ThreadingActor):
         def on_complete(groups: list[list[Trajectory]]) -> None:
             actor_ref.tell(_RolloutsDone(iteration, groups))
 
-        self.batch = RolloutBatch(
-            pool=self.host.pool, deadlines=self.host.deadlines, task=self.task,
-            state=self.trainer, spec=self.spec, iteration=iteration, queries=queries,
-            on_complete=on_complete)
-        self.batch.start()
+        self.batch = self.host.rollouts.start(
+            task=self.task, state=self.trainer, spec=self.spec, iteration=iteration,
+            queries=queries, on_complete=on_complete)
 
     def _run_inline_iterations(self) -> None:
         """Iterations back to back on this thread for as long as no message waits (a message

@@ -48,7 +48,7 @@ from .job import (
 )
 from .logs import get_logger
 from .replay import replay_log
-from .rollouts import Deadlines, RolloutPool
+from .rollouts import RolloutBackend, ThreadRollouts
 from .spec import JobSpec, validate_job_id, validate_spec
 from .store import EventStore
 from .tasks import build_task, state_decoder
@@ -68,7 +68,10 @@ class Runtime:
     Args:
         path: the SQLite log (created if missing).
         max_concurrent_jobs: jobs running at once; the others wait, queued, holding no thread.
-        max_rollout_workers: rollouts running at once across all jobs.
+        max_rollout_workers: rollouts running at once across all jobs (the thread backend).
+        rollouts: where rollouts run: None is a pool of `max_rollout_workers` threads in this
+            process (`ThreadRollouts`, which the runtime closes); or a backend you made and
+            close yourself, e.g. `RayRollouts("auto")` or `AsyncRollouts()`.
         synchronous: SQLite durability: "full" (default, survives power loss), "normal", "off".
         handle_signals: close cleanly on SIGINT/SIGTERM when created on the main thread and the
             default handlers are in place.
@@ -79,14 +82,14 @@ class Runtime:
 
     def __init__(self, path: str | Path = "flow.db", *, max_concurrent_jobs: int = 100,
                  max_rollout_workers: int = 64, synchronous: str = "full",
-                 handle_signals: bool = True) -> None:
+                 handle_signals: bool = True, rollouts: RolloutBackend | None = None) -> None:
         if max_concurrent_jobs < 1 or max_rollout_workers < 1:
             raise ValueError("max_concurrent_jobs and max_rollout_workers must be >= 1")
         self.path = Path(path)
         self.max_concurrent_jobs = max_concurrent_jobs
         self.store = EventStore(self.path, mode="owner", synchronous=synchronous)
-        self.pool = RolloutPool(max_rollout_workers)
-        self.deadlines = Deadlines()
+        self._owns_rollouts = rollouts is None
+        self.rollouts = ThreadRollouts(max_rollout_workers) if rollouts is None else rollouts
         self.closing = False
         self._lock = threading.RLock()  # control decisions and admission
         self._changed = threading.Condition()  # a job's state changed
@@ -310,8 +313,8 @@ class Runtime:
 
     def _shutdown(self) -> None:
         self.closing = True
-        self.pool.close()
-        self.deadlines.close()
+        if self._owns_rollouts:
+            self.rollouts.close()
         self.store.close()
 
     # --- internals: recovery, scheduling, supervision ---

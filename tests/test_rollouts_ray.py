@@ -1,0 +1,232 @@
+"""Rollouts as Ray tasks on a real local multi-node cluster (a head and two worker nodes, one
+cluster for the whole module): fixed order, the state put once per iteration, failures on a
+worker, timeouts and cancellation reaching the cluster, a node dying mid-iteration, digests
+equal to the thread backend's, and a SIGKILLed runtime resuming bit-identically.
+
+The workers run in other processes: they import flowactors from the same environment and the
+test tasks (`rollout_tasks`) through `runtime_env={"env_vars": {"PYTHONPATH": ...}}`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+import rollout_contract as contract  # noqa: E402
+from helpers import open_runtime, wait_until  # noqa: E402
+
+import flowactors as fa  # noqa: E402
+from flowactors.events import IterationCompleted, JobCompleted  # noqa: E402
+from flowactors.store import EventStore  # noqa: E402
+
+pytestmark = pytest.mark.timeout(180)
+
+TESTS = Path(__file__).resolve().parent
+CHILD = TESTS.parent / "tools" / "ray_child.py"
+SYNC, ASYNC = "rollout_tasks:ProbeTask", "rollout_tasks:AsyncProbeTask"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head (1 CPU) and two worker nodes (1 CPU each) in this machine."""
+    from ray.cluster_utils import Cluster
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Ray's Unix socket paths must stay under 107 bytes: a short temporary directory.
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray")
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster.workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+        cluster.wait_for_nodes()
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def rollouts(cluster):
+    """The backend every test shares (it connects this process to the cluster once)."""
+    backend = fa.RayRollouts(address=cluster.address,
+                             runtime_env={"env_vars": {"PYTHONPATH": str(TESTS)}})
+    try:
+        yield backend
+    finally:
+        backend.close()
+
+
+def _final_digest(rt, job_id: str) -> str:
+    return next(r.event.final_state_digest for r in rt.history(job_id)
+                if isinstance(r.event, JobCompleted))
+
+
+def _pids(marker_dir: Path) -> set[int]:
+    return {int(p.name.split("-")[0]) for p in marker_dir.iterdir()}
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie is gone too
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("task", [SYNC, ASYNC])
+def test_results_come_back_in_the_fixed_order(rollouts, task):
+    """Ray tasks finishing in a shuffled order reach the job in the order (query, index)."""
+    contract.check_fixed_order(rollouts, task)
+
+
+def test_a_rollout_that_raises_on_a_worker_is_a_failed_trajectory(rollouts):
+    """The worker's exception comes back as a failed trajectory with its message."""
+    contract.check_failures_are_kept(rollouts, SYNC)
+
+
+def test_the_state_goes_to_the_object_store_once_per_iteration(rollouts, tmp_path,
+                                                                monkeypatch):
+    """One `ray.put` of the state per iteration (and one of the spec per job), not one per
+    rollout; and the job trains to the same final digest as on threads."""
+    puts = []
+    real_put = ray.put
+    monkeypatch.setattr(ray, "put", lambda value, **kw: puts.append(value) or real_put(value, **kw))
+    spec = contract.probe_spec(SYNC, seed=11, seconds=0.2)
+    with open_runtime(tmp_path / "ray.db", rollouts=rollouts) as rt:
+        job_id = rt.submit(spec)
+        assert rt.wait(job_id, timeout=60).status is fa.JobStatus.COMPLETED
+        on_ray = _final_digest(rt, job_id)
+    assert all(isinstance(p, bytes) for p in puts)  # msgspec bytes, never our objects
+    assert len(puts) == spec.config.n_iterations + 1
+    monkeypatch.undo()
+    with open_runtime(tmp_path / "threads.db") as rt:
+        job_id = rt.submit(spec)
+        assert rt.wait(job_id, timeout=60).status is fa.JobStatus.COMPLETED
+        assert _final_digest(rt, job_id) == on_ray
+
+
+def test_an_async_task_on_ray_trains_like_on_the_event_loop(rollouts, tmp_path):
+    """An `async def` rollout runs on the worker's own loop: the same digest as on the
+    runtime's event loop."""
+    spec = contract.probe_spec(ASYNC, seed=12, seconds=0.1)
+    digests = []
+    for name, backend in [("ray", rollouts), ("loop", None)]:
+        with open_runtime(tmp_path / f"{name}.db", rollouts=backend) as rt:
+            job_id = rt.submit(spec)
+            assert rt.wait(job_id, timeout=60).status is fa.JobStatus.COMPLETED
+            digests.append(_final_digest(rt, job_id))
+    assert digests[0] == digests[1]
+
+
+def test_timeout_and_cancel_reach_the_ray_tasks_in_flight(rollouts, tmp_path):
+    """A rollout past `rollout_timeout_s` is a failed trajectory and its Ray task is stopped;
+    a cancelled job's hanging Ray tasks are stopped too (their worker processes end)."""
+    markers = tmp_path / "timeout"
+    markers.mkdir()
+    spec = contract.probe_spec(SYNC, hang_query="*", marker_dir=str(markers),
+                               config={"rollout_timeout_s": 1.0, "batch_size": 1,
+                                       "n_trajectories_per_query": 2})
+    groups = contract.run_batch(rollouts, spec, timeout=30)
+    assert all(t.failed and "timed out" in t.error for t in groups[0])
+    hung = _pids(markers)
+    assert len(hung) == 2
+    wait_until(lambda: all(_gone(pid) for pid in hung), timeout=20,
+               message="the timed-out rollouts' workers to stop")
+
+    markers = tmp_path / "cancel"
+    markers.mkdir()
+    spec = contract.probe_spec(SYNC, hang_query="*", marker_dir=str(markers),
+                               config={"batch_size": 1, "n_trajectories_per_query": 3})
+    with open_runtime(tmp_path / "flow.db", rollouts=rollouts) as rt:
+        job_id = rt.submit(spec)
+        wait_until(lambda: len(list(markers.iterdir())) == 3, timeout=30,
+                   message="3 rollouts running on the cluster")
+        started = time.monotonic()
+        assert rt.cancel(job_id).status is fa.JobStatus.CANCELLED
+        assert time.monotonic() - started < 5
+    hung = _pids(markers)
+    wait_until(lambda: all(_gone(pid) for pid in hung), timeout=20,
+               message="the cancelled rollouts' workers to stop")
+
+
+def test_a_runtime_killed_with_ray_rollouts_in_flight_resumes_bit_identically(cluster, tmp_path):
+    """SIGKILL of a runtime process whose rollouts run on the cluster, mid-run; the
+    restarted process resumes the job; its final digest equals a thread-backend run's."""
+    sys.path.insert(0, str(CHILD.parent))
+    try:
+        from ray_child import JOB_ID, job_spec
+    finally:
+        sys.path.remove(str(CHILD.parent))
+    with open_runtime(tmp_path / "threads.db") as rt:
+        rt.submit(job_spec(), job_id=JOB_ID)
+        assert rt.wait(JOB_ID, timeout=60).status is fa.JobStatus.COMPLETED
+        reference = _final_digest(rt, JOB_ID)
+
+    db = tmp_path / "ray.db"
+
+    def child():
+        return subprocess.Popen([sys.executable, str(CHILD), str(db), cluster.address],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+
+    def iterations() -> int:
+        try:
+            with EventStore(db, mode="readonly") as store:
+                return sum(isinstance(r.event, IterationCompleted) for r in store.read_all())
+        except fa.FlowError:  # not created yet, or its creation not committed yet
+            return 0
+
+    first = child()
+    try:
+        wait_until(lambda: iterations() >= 4 or first.poll() is not None, timeout=60,
+                   message="4 iterations on the cluster")
+        assert first.poll() is None, first.stderr.read().decode()
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+    second = child()
+    try:
+        assert second.wait(timeout=120) == 0, second.stderr.read().decode()
+    finally:
+        if second.poll() is None:
+            second.kill()
+            second.wait(timeout=10)
+    with EventStore(db, mode="readonly") as store:
+        events = [r.event for r in store.read_all()]
+    assert any(type(e).__name__ == "JobRecovered" for e in events)
+    assert [e.final_state_digest for e in events if isinstance(e, JobCompleted)] == [reference]
+
+
+def test_a_node_that_dies_mid_iteration_gives_failed_trajectories_not_a_stuck_job(
+        cluster, rollouts, tmp_path):
+    """Rollouts spread over the nodes; one worker node is killed while they run: its
+    rollouts are failed trajectories, the iteration completes, the job trains on."""
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    # A second backend on the same connection, spreading its rollouts over the nodes.
+    spread = fa.RayRollouts(cluster.address, remote_options={"scheduling_strategy": "SPREAD"})
+    spec = contract.probe_spec(SYNC, seconds=3.0, marker_dir=str(markers), config={
+        "batch_size": 1, "n_trajectories_per_query": 3, "n_iterations": 2})
+    try:
+        with open_runtime(tmp_path / "flow.db", rollouts=spread) as rt:
+            job_id = rt.submit(spec)
+            wait_until(lambda: len(list(markers.iterdir())) == 3, timeout=30,
+                       message="3 rollouts running, one per node")
+            cluster.remove_node(cluster.workers[1], allow_graceful=False)
+            assert rt.wait(job_id, timeout=90).status is fa.JobStatus.COMPLETED
+            first = next(r.event for r in rt.history(job_id)
+                         if isinstance(r.event, IterationCompleted))
+            trainer = rt.load_checkpoint(job_id, 1)
+    finally:
+        spread.close()
+    assert 1 <= first.n_failed < 3
+    assert trainer.orders[0].count(-1) == first.n_failed  # failed ones kept in their place
+    assert all(e.startswith(("WorkerCrashedError", "NodeDiedError", "ObjectLostError"))
+               for e in trainer.errors), trainer.errors
