@@ -32,7 +32,8 @@ MAX_BODY_BYTES = 1 << 20
 
 
 def create_app(runtime: Runtime, *, token: str, allowed_hosts: Iterable[str] = LOOPBACK_HOSTS,
-               max_body_bytes: int = MAX_BODY_BYTES, max_streams: int = 64) -> Any:
+               max_body_bytes: int = MAX_BODY_BYTES, max_streams: int = 64,
+               event_buffer: int = 10_000) -> Any:
     """The ASGI app serving `runtime`: mount it in any ASGI server.
 
     Args:
@@ -41,9 +42,12 @@ def create_app(runtime: Runtime, *, token: str, allowed_hosts: Iterable[str] = L
         allowed_hosts: names the Host header may carry (loopback names by default).
         max_body_bytes: the largest request body accepted (413 beyond).
         max_streams: `/events` streams open at once (503 beyond).
+        event_buffer: recent events kept encoded in memory for the streams; a stream further
+            behind reads the log.
     """
     tally = Tally()
-    hub = EventHub(runtime, max_subscribers=max_streams, on_events=tally)
+    hub = EventHub(runtime, max_subscribers=max_streams, buffer_size=event_buffer,
+                   on_events=tally)
 
     async def call_rpc(request: Request) -> Response:
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()

@@ -209,7 +209,7 @@ class EventStream:
         last_id = dict(scope["headers"]).get(b"last-event-id")
         after = last_id.decode("latin-1") if last_id else query.get("after", [None])[-1]
         if after is None:
-            return job, self.hub.head
+            return job, self.hub.log_head()
         try:
             cursor = int(after)
             if cursor < 0:
