@@ -184,8 +184,16 @@ def test_metrics_count_what_the_log_records(rt):
         result(client, "training.start_grpo", job_id="m", spec=spec_json(sim_spec(
             n_iterations=10, checkpoint_interval=2, task_options={"failure_rate": 0.3})))
         rt.submit(sim_spec(n_iterations=3), job_id=weird)
-        rt.wait("m", timeout=30)
+        rt.submit(sim_spec(n_iterations=1000, checkpoint_interval=2,
+                           task_options={"rollout_seconds": 0.01}), job_id="p")
         rt.wait(weird, timeout=30)
+        wait_until(lambda: rt.checkpoints("p"), message="p's first checkpoint")
+        rt.pause("p")
+        latest = max(rt.checkpoints("p"), key=lambda c: c.iteration)
+        assert metrics(client)['flowactors_job_validation_score{job_id="p"}'] == \
+            latest.validation_score
+        rt.cancel("p")
+        rt.wait("m", timeout=30)
         wait_until(lambda: metrics(client).get(
             'flowactors_iterations_total{job_id="m"}') == 10, message="the hub to read m")
         wait_until(lambda: metrics(client).get(
@@ -194,6 +202,7 @@ def test_metrics_count_what_the_log_records(rt):
     iterations = [r.event for r in rt.history("m") if r.type == "job.iteration_completed"]
     view = rt.status("m")
     assert after['flowactors_jobs{status="completed"}'] == 2
+    assert after['flowactors_jobs{status="cancelled"}'] == 1
     assert after['flowactors_job_iteration{job_id="m"}'] == 10
     assert after['flowactors_rollouts_total{job_id="m"}'] == \
         sum(e.n_trajectories for e in iterations)
@@ -201,7 +210,9 @@ def test_metrics_count_what_the_log_records(rt):
     assert failures > 0 and after['flowactors_rollout_failures_total{job_id="m"}'] == failures
     assert after['flowactors_job_avg_reward{job_id="m"}'] == view.metrics["avg_reward"]
     assert after['flowactors_job_validation_score{job_id="m"}'] == view.validation_score
-    assert after["flowactors_checkpoint_seconds_count"] == 5 + 1  # m's five, and weird's 2
-    assert after['flowactors_checkpoint_seconds_bucket{le="+Inf"}'] == 6
+    saved = sum(1 for job in ("m", weird, "p") for r in rt.history(job)
+                if r.type == "job.checkpoint_saved")
+    assert after["flowactors_checkpoint_seconds_count"] == saved
+    assert after['flowactors_checkpoint_seconds_bucket{le="+Inf"}'] == saved
     assert after["flowactors_commit_delay_seconds_count"] >= 1
     assert after['flowactors_iterations_total{job_id="we\\"ird\\\\id"}'] == 3

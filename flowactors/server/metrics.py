@@ -18,7 +18,7 @@ from datetime import datetime
 
 from ..events import CheckpointSaved, IterationCompleted, RecordedEvent
 from ..runtime import Runtime
-from ..views import JobStatus
+from ..views import JobStatus, JobView
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -121,6 +121,13 @@ def _gauge(name: str, help_: str, samples: list[tuple[str, float]]) -> list[str]
             *(f"{name}{labels} {_number(value)}" for labels, value in samples)]
 
 
+def _held_out(runtime: Runtime, view: JobView) -> float | None:
+    if view.validation_score is not None:
+        return view.validation_score
+    infos = runtime.checkpoints(view.job_id)
+    return max(infos, key=lambda c: c.iteration).validation_score if infos else None
+
+
 def render(runtime: Runtime, tally: Tally, *, streams: int, log_position: int) -> bytes:
     """The whole exposition, as bytes."""
     views = runtime.jobs()
@@ -144,10 +151,11 @@ def render(runtime: Runtime, tally: Tally, *, streams: int, log_position: int) -
                               "Rollout success rate of the latest iteration.")):
         lines += _gauge(name, help_, [(lb, v.metrics[key]) for lb, v in per_job
                                       if key in v.metrics])
+    heldout = [(lb, score) for lb, v in per_job
+               if (score := _held_out(runtime, v)) is not None]
     lines += _gauge("flowactors_job_validation_score",
-                    "Held-out success at the latest checkpoint.",
-                    [(lb, v.validation_score) for lb, v in per_job
-                     if v.validation_score is not None])
+                    "Held-out success at the latest checkpoint (the final one once completed).",
+                    heldout)
     lines += _gauge("flowactors_job_cost_usd", "Recorded cost in USD.",
                     [(lb, v.cost.cost_usd) for lb, v in per_job])
     lines += tally.lines()

@@ -60,6 +60,17 @@ def config(app: Any) -> uvicorn.Config:
                           timeout_graceful_shutdown=GRACEFUL_SECONDS)
 
 
+class Server(uvicorn.Server):
+    """uvicorn's server, ending the app's event streams first when it shuts down: an open
+    stream never ends by itself, and would hold the shutdown for its whole grace period."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        hub = getattr(getattr(self.config.app, "state", None), "hub", None)
+        if hub is not None:
+            await hub.close()
+        await super().shutdown(sockets)
+
+
 def serve(db: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 8600,
           allow_remote: bool = False, echo: Callable[[str], None] = print) -> None:
     """Serve the log at `db` until SIGINT/SIGTERM (then exit 130/143).
@@ -77,7 +88,7 @@ def serve(db: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 86
     previous = _exit_on_signals()
     try:
         with Runtime(db, handle_signals=False) as runtime:
-            server = uvicorn.Server(config(create_app(runtime, token=token,
+            server = Server(config(create_app(runtime, token=token,
                                                       allowed_hosts=allowed)))
             echo(f"flowactors is serving {Path(db)} (token in {token_path(db)}); "
                  f"open the dashboard at:\n    {url_of(sock, host, token)}")
@@ -119,7 +130,7 @@ class BackgroundServer:
         self.sock = bind(host, port)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
-        self.server = uvicorn.Server(config(app))
+        self.server = Server(config(app))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        daemon=True, name="flowactors-server")
 

@@ -192,13 +192,6 @@ function row(cells) {
   return tr;
 }
 
-function statusBadge(status) {
-  const span = document.createElement("span");
-  span.className = "status " + status;
-  span.textContent = status;
-  return span;
-}
-
 function progressBar(view) {
   const wrap = document.createElement("span");
   const bar = document.createElement("span");
@@ -223,26 +216,68 @@ function draw() {
   if (state.selected) drawJob(state.selected);
 }
 
+// The final held-out score once completed, else the latest checkpoint's.
+function heldOut(jobId) {
+  const v = state.jobs.get(jobId);
+  if (v && v.validation_score !== null) return v.validation_score;
+  const points = (state.series.get(jobId) || {heldout: []}).heldout;
+  return points.length ? points[points.length - 1][1] : null;
+}
+
+function setText(el, text) {
+  if (el.textContent !== text) el.textContent = text;
+}
+
+// A job's row is built once and updated in place: a row replaced under the pointer would
+// swallow the click.
+const jobRows = new Map();
+
+function jobRow(jobId) {
+  let r = jobRows.get(jobId);
+  if (r) return r;
+  const tr = document.createElement("tr");
+  tr.dataset.job = jobId;
+  const cells = Array.from({length: 9}, () => document.createElement("td"));
+  const swatch = document.createElement("span");
+  swatch.className = "swatch";
+  cells[0].append(swatch, document.createTextNode(jobId));
+  const badge = document.createElement("span");
+  cells[2].append(badge);
+  const bar = document.createElement("span");
+  bar.className = "bar";
+  const fill = document.createElement("span");
+  bar.append(fill);
+  const count = document.createElement("span");
+  cells[3].append(bar, count);
+  for (const c of cells.slice(4)) c.className = "num";
+  tr.append(...cells);
+  tr.addEventListener("click", () => {
+    window.location.hash = "#/job/" + encodeURIComponent(jobId);
+  });
+  r = {tr, cells, swatch, badge, fill, count};
+  jobRows.set(jobId, r);
+  return r;
+}
+
 function drawJobs() {
   const body = $("jobs").tBodies[0];
-  const rows = state.order.map((jobId) => {
+  state.order.forEach((jobId, i) => {
     const v = state.jobs.get(jobId);
-    const tr = document.createElement("tr");
-    tr.dataset.job = jobId;
-    tr.dataset.status = v.status;
-    const name = document.createElement("span");
-    const swatch = document.createElement("span");
-    swatch.className = "swatch";
-    swatch.style.background = colorOf(jobId);
-    name.append(swatch, jobId);
-    tr.append(cell(name), cell(v.agent_id), cell(statusBadge(v.status)), cell(progressBar(v)),
-              cell(fixed(v.metrics.avg_reward), "num"), cell(fixed(v.metrics.success_rate), "num"),
-              cell(fixed(v.validation_score), "num"), cell("$" + fixed(v.cost.cost_usd, 4), "num"),
-              cell(v.best_checkpoint === null ? "-" : v.best_checkpoint, "num"));
-    tr.addEventListener("click", () => { window.location.hash = "#/job/" + encodeURIComponent(jobId); });
-    return tr;
+    const r = jobRow(jobId);
+    r.tr.dataset.status = v.status;
+    r.swatch.style.background = colorOf(jobId);
+    setText(r.cells[1], v.agent_id);
+    setText(r.badge, v.status);
+    r.badge.className = "status " + v.status;
+    r.fill.style.width = v.progress.percent_complete + "%";
+    setText(r.count, `${v.progress.current_iteration}/${v.progress.total_iterations}`);
+    setText(r.cells[4], fixed(v.metrics.avg_reward));
+    setText(r.cells[5], fixed(v.metrics.success_rate));
+    setText(r.cells[6], fixed(heldOut(jobId)));
+    setText(r.cells[7], "$" + fixed(v.cost.cost_usd, 4));
+    setText(r.cells[8], v.best_checkpoint === null ? "-" : String(v.best_checkpoint));
+    if (body.children[i] !== r.tr) body.insertBefore(r.tr, body.children[i] || null);
   });
-  body.replaceChildren(...rows);
   $("empty").hidden = state.order.length > 0;
 }
 
@@ -319,7 +354,7 @@ function drawJob(jobId) {
   $("job-progress").replaceChildren(...(v ? [progressBar(v)] : []));
   $("job-facts").textContent = v ? [
     `agent ${v.agent_id}`, `task ${v.task}`, `reward ${fixed(v.metrics.avg_reward)}`,
-    `success ${fixed(v.metrics.success_rate)}`, `held-out ${fixed(v.validation_score)}`,
+    `success ${fixed(v.metrics.success_rate)}`, `held-out ${fixed(heldOut(jobId))}`,
     `cost $${fixed(v.cost.cost_usd, 4)}`, `best checkpoint ${v.best_checkpoint ?? "-"}`,
     `attempts ${v.attempts}`, ...(v.error ? [`error ${v.error.reason}: ${v.error.message}`] : []),
   ].join(" · ") : "";
