@@ -10,7 +10,9 @@ run, each phase `--seconds` long:
   1. the jobs' iterations/s with no HTTP load (the baseline);
   2. `GET /healthz` latency p50/p99 from `--clients` concurrent clients (the server's floor);
   3. `training.get_status` latency p50/p99 from `--clients` concurrent clients, and the jobs'
-     iterations/s meanwhile;
+     iterations/s meanwhile: first closed-loop (each client sends its next request as soon
+     as it has the answer: the server's saturation, where latency is queueing), then paced
+     at `--hz` requests/s per client (the latency of a loaded but not saturated server);
   4. `/events` fan-out to `--subscribers` streams: delay from a batch's timestamp (taken by the
      store just before its commit) to delivery, p50/p99, and the jobs' iterations/s meanwhile.
 """
@@ -125,8 +127,10 @@ async def rate_during(conn: Conn, seconds: float, work) -> tuple[float, object]:
 
 
 async def load(port: int, token: str, clients: int, seconds: float, path: str,
-               bodies: list[bytes] | None) -> list[float]:
-    """Latencies (s) of `clients` closed-loop clients calling `path` for `seconds`."""
+               bodies: list[bytes] | None, hz: float = 0.0) -> list[float]:
+    """Latencies (s) of `clients` clients calling `path` for `seconds`: closed-loop (each
+    sends its next request as soon as the last is answered), or paced at `hz` requests/s
+    each (open-loop: a late answer does not delay the schedule)."""
     latencies: list[float] = []
     errors = 0
     deadline = time.perf_counter() + seconds
@@ -135,9 +139,13 @@ async def load(port: int, token: str, clients: int, seconds: float, path: str,
         nonlocal errors
         conn = await Conn(port, token).open()
         clock = time.perf_counter
+        due = clock() + random.random() / hz if hz else 0.0
         try:
             while clock() < deadline:
                 body = random.choice(bodies) if bodies else b""
+                if hz:
+                    await asyncio.sleep(max(0.0, due - clock()))
+                    due += 1 / hz
                 start = clock()
                 status, answer = await conn.call("POST" if bodies else "GET", path, body)
                 latencies.append(clock() - start)
@@ -242,6 +250,16 @@ async def drive(port: int, token: str, args: argparse.Namespace) -> None:
     print(f"  iterations/s meanwhile:                   {rate:8.1f} "
           f"({100 * (rate / baseline - 1) if baseline else 0:+.1f}% against no load)")
 
+    rate, paced = await rate_during(conn, args.seconds, load(
+        port, token, args.clients, args.seconds, "/rpc", bodies, hz=args.hz))
+    p99 = percentile(paced, .99)
+    print(f"  training.get_status, {args.clients} clients at {args.hz:g} req/s each: p50 "
+          f"{ms(percentile(paced, .5)):>10}  p99 {ms(p99):>10}  "
+          f"({len(paced) / args.seconds:.0f} req/s; goal p99 <= {GOAL_STATUS_P99_MS} ms: "
+          f"{'met' if p99 * 1000 <= GOAL_STATUS_P99_MS else 'NOT met'})")
+    print(f"  iterations/s meanwhile:                   {rate:8.1f} "
+          f"({100 * (rate / baseline - 1) if baseline else 0:+.1f}% against no load)")
+
     rate, (delays, counts) = await rate_during(conn, args.seconds, fan_out(
         port, token, args.subscribers, args.seconds))
     p99 = percentile(delays, .99)
@@ -260,6 +278,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--subscribers", type=int, default=50)
+    parser.add_argument("--hz", type=float, default=25.0,
+                        help="requests/s of each client in the paced phase")
     parser.add_argument("--rollout", type=float, default=0.2,
                         help="seconds each simulated rollout takes")
     parser.add_argument("--serve", metavar="DB", help=argparse.SUPPRESS)
