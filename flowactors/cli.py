@@ -480,6 +480,31 @@ def schemas_command(check: bool, directory: Path | None) -> None:
                if changed else f"the schemas in {directory} are up to date")
 
 
+@main.command()
+@_db_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="The address to listen on (a loopback one unless --allow-remote).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8600, show_default=True,
+              help="The port (0: any free one).")
+@click.option("--allow-remote", is_flag=True,
+              help="Allow listening on a non-loopback address.")
+def serve(db: Path, host: str, port: int, allow_remote: bool) -> None:
+    """Own the log and serve it over HTTP: the training API (JSON-RPC at /rpc), live events
+    (/events), Prometheus metrics (/metrics) and a dashboard (/). Prints the dashboard's URL
+    with the bearer token (kept in DB.token, mode 0600). Needs the `serve` extra.
+
+    \b
+    Example:
+        flowactors serve --db flow.db --port 8600
+    """
+    try:
+        from .server import serve as run
+    except ImportError as exc:
+        raise Failure(f"serve needs the serve extra ({exc.name} is missing): "
+                      f"pip install 'flowactors[serve]'") from None
+    run(db, host=host, port=port, allow_remote=allow_remote, echo=click.echo)
+
+
 main.add_command(demo)
 main.add_command(report)
 
