@@ -14,7 +14,7 @@ import pytest
 from helpers import open_runtime, sim_spec, wait_until
 from serving import frames, result, served, spec_json
 
-from flowactors.replay import history_line
+from flowactors.history import history_line
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import flowactors as fa
-from flowactors.console import quiet_logs
+from flowactors.console import stderr_logs
 
 TOOLS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS))
@@ -175,7 +175,7 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     print(f"{os.cpu_count()} cores, Python {sys.version.split()[0]}")
-    with quiet_logs(), tempfile.TemporaryDirectory() as tmp:
+    with stderr_logs(), tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         bench_io(directory, args.quick)
         bench_rss(directory)

@@ -29,7 +29,7 @@ from flowactors.events import (
     JobSubmitted,
 )
 from flowactors import codec
-from flowactors.console import quiet_logs
+from flowactors.console import stderr_logs
 from flowactors.store import EventStore
 from flowactors.tasks.simulated import SimulatedOptions, SimulatedTask
 
@@ -167,5 +167,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    with quiet_logs():  # the runtime's info lines would drown the figures
+    with stderr_logs():  # the runtime's info lines would drown the figures
         sys.exit(main())

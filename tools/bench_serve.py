@@ -43,11 +43,11 @@ ORIGINAL_STATUS_P95_MS = 200.0
 def serve_child(db: str, jobs: int) -> None:
     """Open a runtime, serve it, print `PORT TOKEN`, serve until stdin closes."""
     from flowactors import Runtime
-    from flowactors.console import quiet_logs
+    from flowactors.console import stderr_logs
     from flowactors.server import BackgroundServer, create_app, load_or_create_token
 
     token = load_or_create_token(db)
-    with quiet_logs(), Runtime(db, max_concurrent_jobs=max(jobs, 1), handle_signals=False) as runtime:
+    with stderr_logs(), Runtime(db, max_concurrent_jobs=max(jobs, 1), handle_signals=False) as runtime:
         server = BackgroundServer(create_app(runtime, token=token, max_streams=128)).start()
         try:
             print(server.port, token, flush=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 from playwright.sync_api import sync_playwright
 
 from flowactors import Runtime
-from flowactors.console import quiet_logs
+from flowactors.console import stderr_logs
 from flowactors.demo import demo_specs
 from flowactors.server import BackgroundServer, create_app
 
@@ -29,7 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("docs/dashboard.png"))
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp, quiet_logs(), \
+    with tempfile.TemporaryDirectory() as tmp, stderr_logs(), \
             Runtime(Path(tmp) / "flow.db", handle_signals=False) as rt:
         ids = [rt.submit(spec, job_id=job_id) for job_id, spec in demo_specs().items()]
         with BackgroundServer(create_app(rt, token="screenshot")) as server, \

@@ -21,15 +21,15 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import msgspec
-import structlog
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import FlowError, JobNotFound
 from ..events import RecordedEvent
-from ..replay import history_line
+from ..logs import get_logger
+from ..history import history_line
 from ..runtime import Runtime
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 Frame = tuple[int, str, bytes]  # position, job id, the encoded SSE frame
 _json = msgspec.json.Encoder()

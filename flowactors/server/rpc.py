@@ -28,7 +28,7 @@ from ..errors import (
     StoreUnavailable,
 )
 from ..events import JobSubmitted
-from ..replay import history_line
+from ..history import history_line
 from ..runtime import Runtime
 from ..spec import JobSpec, validate_spec
 from ..views import JobStatus
