@@ -176,17 +176,17 @@ def metrics(client: httpx.Client) -> dict[str, float]:
 def test_metrics_count_what_the_log_records(rt):
     """Jobs by status, per-job iterations, rollouts, failed rollouts, latest reward and
     held-out score, and checkpoint and commit latencies, as the log and the views say."""
-    weird = 'we"ird\\id'
+    weird = 'we"ird\\id'  # job ids cannot hold these any more; agent ids can
     with served(rt) as (_, client):
         before = metrics(client)
         assert before['flowactors_jobs{status="running"}'] == 0
         assert before["flowactors_checkpoint_seconds_count"] == 0
         result(client, "training.start_grpo", job_id="m", spec=spec_json(sim_spec(
             n_iterations=10, checkpoint_interval=2, task_options={"failure_rate": 0.3})))
-        rt.submit(sim_spec(n_iterations=3), job_id=weird)
+        rt.submit(sim_spec(weird, n_iterations=3), job_id="w")
         rt.submit(sim_spec(n_iterations=1000, checkpoint_interval=2,
                            task_options={"rollout_seconds": 0.01}), job_id="p")
-        rt.wait(weird, timeout=30)
+        rt.wait("w", timeout=30)
         wait_until(lambda: rt.checkpoints("p"), message="p's first checkpoint")
         rt.pause("p")
         latest = max(rt.checkpoints("p"), key=lambda c: c.iteration)
@@ -210,9 +210,11 @@ def test_metrics_count_what_the_log_records(rt):
     assert failures > 0 and after['flowactors_rollout_failures_total{job_id="m"}'] == failures
     assert after['flowactors_job_avg_reward{job_id="m"}'] == view.metrics["avg_reward"]
     assert after['flowactors_job_validation_score{job_id="m"}'] == view.validation_score
-    saved = sum(1 for job in ("m", weird, "p") for r in rt.history(job)
+    assert after['flowactors_job_info{job_id="w",agent_id="we\\"ird\\\\id",task="simulated",'
+                 'status="completed"}'] == 1
+    saved = sum(1 for job in ("m", "w", "p") for r in rt.history(job)
                 if r.type == "job.checkpoint_saved")
     assert after["flowactors_checkpoint_seconds_count"] == saved
     assert after['flowactors_checkpoint_seconds_bucket{le="+Inf"}'] == saved
     assert after["flowactors_commit_delay_seconds_count"] >= 1
-    assert after['flowactors_iterations_total{job_id="we\\"ird\\\\id"}'] == 3
+    assert after['flowactors_iterations_total{job_id="w"}'] == 3

@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 
 import flowactors as fa
+from flowactors.logs import log_to_stderr
 
 JOB_ID = "ray-job"
 
@@ -26,6 +27,7 @@ def job_spec() -> fa.JobSpec:
 
 def main(argv: list[str]) -> int:
     path, address = argv[0], argv[1]
+    log_to_stderr(verbose=True)  # the outage test reads the runtime's info lines
     with fa.RayRollouts(address=address) as rollouts, \
             fa.Runtime(path, rollouts=rollouts, handle_signals=False) as rt:
         rt.submit(job_spec(), job_id=JOB_ID)
