@@ -8,7 +8,7 @@ written by an older flowactors stays readable forever.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import msgspec
@@ -66,6 +66,28 @@ def encode_event(event: Event) -> tuple[str, int, bytes]:
     """Return (type tag, schema version, MessagePack bytes) of an event."""
     cls = type(event)
     return event_tag(cls), cls.schema_version, _encoder.encode(event)
+
+
+def encode_append(stream: Any, expected_version: Any, events: Iterable[Event]
+                  ) -> tuple[list[Event], list[tuple[str, int, bytes]]]:
+    """Check an append's arguments, as every event log takes them, and encode its events.
+
+    Raises:
+        ValueError: an empty or non-str stream, a bad expected version, no events.
+        TypeError: something that is not an Event.
+    """
+    if type(stream) is not str or not stream:
+        raise ValueError(f"stream must be a non-empty str, not {stream!r}")
+    if type(expected_version) is not int or expected_version < 0:
+        raise ValueError(f"expected_version must be an int >= 0, not {expected_version!r}")
+    events = list(events)
+    if not events:
+        raise ValueError(f"append to stream {stream!r} needs at least one event")
+    try:
+        return events, [encode_event(event) for event in events]
+    except AttributeError:
+        bad = next(e for e in events if not isinstance(e, Event))
+        raise TypeError(f"append to stream {stream!r}: {bad!r} is not an Event") from None
 
 
 def decode_event(type_: str, schema_version: int, data: bytes) -> JobEvent:

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 
-from .codec import decode_event, encode_event
+from .codec import decode_event, encode_append
 from .codec import digest as content_digest
 from .control import ControlCommand
 from .errors import (
@@ -82,17 +82,7 @@ class MemoryEventLog:
     def append(self, stream: str, events: Iterable[Event], expected_version: int, *,
                blobs: Iterable[bytes] = (), releases: Iterable[str] = ()
                ) -> list[RecordedEvent]:
-        if type(stream) is not str or not stream:
-            raise ValueError(f"stream must be a non-empty str, not {stream!r}")
-        if type(expected_version) is not int or expected_version < 0:
-            raise ValueError(f"expected_version must be an int >= 0, not {expected_version!r}")
-        events = list(events)
-        if not events:
-            raise ValueError(f"append to stream {stream!r} needs at least one event")
-        try:
-            encoded = [encode_event(event) for event in events]
-        except AttributeError:
-            raise TypeError(f"append to stream {stream!r}: not an Event") from None
+        events, encoded = encode_append(stream, expected_version, events)
         with self._lock:
             if self._closed:
                 raise StoreUnavailable("the in-memory log is closed, cannot append")

@@ -16,3 +16,14 @@ def quiet_logs():
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
     yield
     structlog.configure(**previous)
+
+
+@pytest.fixture
+def rt(tmp_path, quiet_logs):
+    """A runtime on a temporary log, closed after the test."""
+    from helpers import open_runtime
+    runtime = open_runtime(tmp_path / "flow.db")
+    try:
+        yield runtime
+    finally:
+        runtime.close()

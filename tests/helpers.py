@@ -3,8 +3,10 @@ hoping)."""
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from flowactors import GRPOConfig, JobSpec, Runtime, TrainingQuery
 
@@ -40,3 +42,22 @@ def wait_until(condition: Callable[[], object], timeout: float = 10.0,
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         time.sleep(0.01)
+
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def ray_child_reference(directory: Path) -> tuple[str, Callable[[], JobSpec], str]:
+    """The job `tools/ray_child.py` runs, trained once on the thread backend: its id, its spec
+    factory and its final state digest (what a run on Ray must end with)."""
+    sys.path.insert(0, str(TOOLS))
+    try:
+        from ray_child import JOB_ID, job_spec
+    finally:
+        sys.path.remove(str(TOOLS))
+    with open_runtime(directory / "threads.db") as rt:
+        rt.submit(job_spec(), job_id=JOB_ID)
+        assert rt.wait(JOB_ID, timeout=60).status.value == "completed"
+        digest = next(r.event.final_state_digest for r in rt.history(JOB_ID)
+                      if r.type == "job.completed")
+    return JOB_ID, job_spec, digest

@@ -21,7 +21,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 import rollout_contract as contract  # noqa: E402
-from helpers import open_runtime, wait_until  # noqa: E402
+from helpers import open_runtime, ray_child_reference, wait_until  # noqa: E402
 
 import flowactors as fa  # noqa: E402
 from flowactors.events import IterationCompleted, JobCompleted  # noqa: E402
@@ -159,15 +159,7 @@ def test_timeout_and_cancel_reach_the_ray_tasks_in_flight(rollouts, tmp_path):
 def test_a_runtime_killed_with_ray_rollouts_in_flight_resumes_bit_identically(cluster, tmp_path):
     """SIGKILL of a runtime process whose rollouts run on the cluster, mid-run; the
     restarted process resumes the job; its final digest equals a thread-backend run's."""
-    sys.path.insert(0, str(CHILD.parent))
-    try:
-        from ray_child import JOB_ID, job_spec
-    finally:
-        sys.path.remove(str(CHILD.parent))
-    with open_runtime(tmp_path / "threads.db") as rt:
-        rt.submit(job_spec(), job_id=JOB_ID)
-        assert rt.wait(JOB_ID, timeout=60).status is fa.JobStatus.COMPLETED
-        reference = _final_digest(rt, JOB_ID)
+    JOB_ID, job_spec, reference = ray_child_reference(tmp_path)
 
     db = tmp_path / "ray.db"
 

@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from helpers import open_runtime, wait_until  # noqa: E402
+from helpers import ray_child_reference, wait_until  # noqa: E402
 
 import flowactors as fa  # noqa: E402
 from flowactors.events import IterationCompleted, JobCompleted, JobRecovered  # noqa: E402
@@ -64,16 +64,7 @@ def _reachable(port: int) -> bool:
 def test_the_runtime_waits_for_its_cluster_and_resumes_when_it_is_back(tmp_path):
     """Killed head mid-run: the job waits (`ray_cluster_unavailable`), the runtime survives,
     reconnects (`ray_cluster_reconnected`) and completes the job bit-identically."""
-    sys.path.insert(0, str(CHILD.parent))
-    try:
-        from ray_child import JOB_ID, job_spec
-    finally:
-        sys.path.remove(str(CHILD.parent))
-    with open_runtime(tmp_path / "threads.db") as rt:
-        rt.submit(job_spec(), job_id=JOB_ID)
-        assert rt.wait(JOB_ID, timeout=60).status is fa.JobStatus.COMPLETED
-        reference = next(r.event.final_state_digest for r in rt.history(JOB_ID)
-                         if isinstance(r.event, JobCompleted))
+    JOB_ID, job_spec, reference = ray_child_reference(tmp_path)
 
     env = {**os.environ, "RAY_AUTH_MODE": "disabled",
            "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray")}  # short: Unix socket paths

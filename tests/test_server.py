@@ -27,15 +27,6 @@ def long_spec() -> dict:
     return spec_json(sim_spec(n_iterations=1000, task_options={"rollout_seconds": 0.05}))
 
 
-@pytest.fixture
-def rt(tmp_path, quiet_logs):
-    runtime = open_runtime(tmp_path / "flow.db")
-    try:
-        yield runtime
-    finally:
-        runtime.close()
-
-
 def head(rt) -> int:
     return rt.store.head()[0]
 

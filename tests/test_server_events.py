@@ -11,21 +11,12 @@ import re
 
 import httpx
 import pytest
-from helpers import open_runtime, sim_spec, wait_until
+from helpers import sim_spec, wait_until
 from serving import frames, result, served, spec_json
 
 from flowactors.history import history_line
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-def rt(tmp_path, quiet_logs):
-    runtime = open_runtime(tmp_path / "flow.db")
-    try:
-        yield runtime
-    finally:
-        runtime.close()
 
 
 def log_lines(rt) -> dict[int, dict]:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 
 from ..codec import digest as content_digest
-from ..codec import encode_event
+from ..codec import encode_append
 from ..control import ControlCommand
 from ..errors import FlowError, LogCorrupted, LogNotFound, StoreUnavailable
 from ..events import Event, RecordedEvent
@@ -242,18 +242,7 @@ class EventStore:
     def _submit(self, stream: str, events: Iterable[Event], expected_version: int,
                 blobs: Iterable[bytes] = (), releases: Iterable[str] = ()) -> _Append:
         """Queue an append without waiting; `.result()` waits (the two halves of `append`)."""
-        if type(stream) is not str or not stream:
-            raise ValueError(f"stream must be a non-empty str, not {stream!r}")
-        if type(expected_version) is not int or expected_version < 0:
-            raise ValueError(f"expected_version must be an int >= 0, not {expected_version!r}")
-        events = list(events)
-        if not events:
-            raise ValueError(f"append to stream {stream!r} needs at least one event")
-        try:
-            encoded = [encode_event(event) for event in events]
-        except AttributeError:
-            bad = next(e for e in events if not isinstance(e, Event))
-            raise TypeError(f"append to stream {stream!r}: {bad!r} is not an Event") from None
+        events, encoded = encode_append(stream, expected_version, events)
         blob_rows = [(content_digest(blob), bytes(blob)) for blob in blobs] if blobs else []
         released = list(releases) if releases else []
         if released and not all(type(d) is str for d in released):
