@@ -16,7 +16,7 @@ from typing import Any, Literal, assert_never
 import msgspec
 from msgspec.structs import replace
 
-from .errors import InvalidTransition, LogCorrupted, SpecError
+from .errors import InvalidTransition, SpecError
 from .events import (
     BudgetThresholdReached,
     CheckpointSaved,
@@ -104,13 +104,13 @@ def evolve(state: JobState, recorded: RecordedEvent) -> JobState:
     """Apply one recorded event. Never rejects a known event: the log is the truth."""
     event = recorded.event
     if type(event) is IterationCompleted:  # most of a log: one replace, no dict of changes
-        return _after_iterations(state, recorded, state.tokens + event.tokens,
+        return after_iterations(state, recorded, state.tokens + event.tokens,
                                  state.cost_usd + event.cost_usd)
     changes = _changes(state, event, recorded.recorded_at)
     return replace(state, version=recorded.version, position=recorded.position, **changes)
 
 
-def _after_iterations(state: JobState, last: RecordedEvent, tokens: int,
+def after_iterations(state: JobState, last: RecordedEvent, tokens: int,
                       cost_usd: float) -> JobState:
     """`state` after one or more iterations: the last one's fields, and the totals of tokens
     and cost (summed by the caller, in log order)."""
@@ -124,32 +124,20 @@ def _after_iterations(state: JobState, last: RecordedEvent, tokens: int,
 def _changes(state: JobState, event: JobEvent, at: datetime) -> dict[str, Any]:
     """The fields an event changes."""
     match event:
-        case IterationCompleted():  # evolve applies it with _after_iterations
+        case IterationCompleted():  # evolve applies it with after_iterations
             raise AssertionError("an iteration has no dict of changes")
         case JobSubmitted(spec=spec):
             return {"spec": spec, "status": JobStatus.QUEUED, "created_at": at}
         case JobStarted():
             return {"status": JobStatus.RUNNING, "started_at": state.started_at or at}
         case CheckpointSaved():
-            info = CheckpointInfo(
-                iteration=event.iteration,
-                validation_score=event.validation_score,
-                metrics=event.metrics,
-                pruned=False,
-                state_ref=event.state_ref,
-                policy_digest=event.policy_digest,
-                optimizer_digest=event.optimizer_digest,
-                rng_digest=event.rng_digest,
-            )
-            record = CheckpointRecord(info=info, thresholds=state.thresholds)
-            return {"checkpoints": (*state.checkpoints, record),
+            return {"checkpoints": (*state.checkpoints, checkpoint_record(state, event)),
                     "resume_point": ResumePoint(iteration=event.iteration,
                                                 state_ref=event.state_ref)}
         case CheckpointsPruned(iterations=iterations):
             pruned = set(iterations)
-            return {"checkpoints": tuple(
-                replace(c, info=replace(c.info, pruned=True)) if c.info.iteration in pruned else c
-                for c in state.checkpoints)}
+            return {"checkpoints": tuple(pruned_record(c) if c.info.iteration in pruned else c
+                                         for c in state.checkpoints)}
         case BudgetThresholdReached(fraction=fraction):
             return {"thresholds": (*state.thresholds, fraction)}
         case JobPaused(iteration=iteration, state_ref=state_ref):
@@ -175,6 +163,25 @@ def _changes(state: JobState, event: JobEvent, at: datetime) -> dict[str, Any]:
             assert_never(event)
 
 
+def checkpoint_record(state: JobState, event: CheckpointSaved) -> CheckpointRecord:
+    """The record a `CheckpointSaved` adds to the state's checkpoints."""
+    info = CheckpointInfo(
+        iteration=event.iteration,
+        validation_score=event.validation_score,
+        metrics=event.metrics,
+        pruned=False,
+        state_ref=event.state_ref,
+        policy_digest=event.policy_digest,
+        optimizer_digest=event.optimizer_digest,
+        rng_digest=event.rng_digest,
+    )
+    return CheckpointRecord(info=info, thresholds=state.thresholds)
+
+
+def pruned_record(record: CheckpointRecord) -> CheckpointRecord:
+    return replace(record, info=replace(record.info, pruned=True))
+
+
 def _rewind(state: JobState, iteration: int | None) -> dict[str, Any]:
     """Forget what iterations after `iteration` derived; cost stays counted."""
     kept = tuple(c for c in state.checkpoints if iteration is not None
@@ -197,62 +204,6 @@ def fold(events: Iterable[RecordedEvent], state: JobState | None = None) -> JobS
     if state is None:
         raise ValueError("fold of no events needs an initial state")
     return state
-
-
-def fold_log(events: Iterable[RecordedEvent], *, whole_log: str | None = None
-             ) -> dict[str, JobState]:
-    """Every job's state from events of any number of jobs in log order (dict in order of
-    each job's first event): what `evolve` event by event gives, in a fraction of the time.
-
-    Most of a training log is runs of one job's consecutive `IterationCompleted` events, and
-    evolving through a run only keeps its last event's fields and the sums of its tokens and
-    costs. So a run is summed as it goes by and applied in one step when it ends (at the job's
-    next other event, or at the end), with the same additions in the same order.
-
-    Args:
-        whole_log: the name of the log when the events are all of it, from its first
-            position: each must then be its job's next version (1, 2, 3...), or LogCorrupted
-            names the first that is not.
-    """
-    whole = whole_log is not None
-    states: dict[str, JobState] = {}
-    runs: dict[str, list[Any]] = {}  # job -> [last RecordedEvent, tokens, cost_usd] of its run
-    for recorded in events:
-        stream = recorded.stream
-        event = recorded.event
-        if type(event) is IterationCompleted:
-            run = runs.get(stream)
-            if run is not None:
-                if whole and recorded.version != run[0].version + 1:
-                    raise _out_of_order(whole_log, recorded, run[0].version)
-                run[0] = recorded
-                run[1] += event.tokens
-                run[2] += event.cost_usd
-                continue
-            state = states.get(stream)
-            if state is None:
-                state = states[stream] = initial_state(stream)
-            if whole and recorded.version != state.version + 1:
-                raise _out_of_order(whole_log, recorded, state.version)
-            runs[stream] = [recorded, state.tokens + event.tokens, state.cost_usd + event.cost_usd]
-            continue
-        state = states.get(stream)
-        if state is None:
-            state = initial_state(stream)
-        elif stream in runs:
-            state = _after_iterations(state, *runs.pop(stream))
-        if whole and recorded.version != state.version + 1:
-            raise _out_of_order(whole_log, recorded, state.version)
-        states[stream] = evolve(state, recorded)
-    for stream, run in runs.items():
-        states[stream] = _after_iterations(states[stream], *run)
-    return states
-
-
-def _out_of_order(log: str | None, recorded: RecordedEvent, previous: int) -> LogCorrupted:
-    return LogCorrupted(f"{log}: job {recorded.stream!r} goes from version {previous} to "
-                        f"{recorded.version} at position {recorded.position}; run "
-                        f"`flowactors verify`")
 
 
 def state_digest(state: JobState) -> Digest:

@@ -15,6 +15,7 @@ import msgspec
 
 from . import job as core
 from .errors import JobNotFound
+from .folding import fold_log
 from .events import RecordedEvent
 from .ports import VerifyReport
 from .store import EventStore
@@ -73,7 +74,7 @@ def _until(events: Iterable[RecordedEvent], until: int | None) -> Iterator[Recor
 
 def replay(events: Iterable[RecordedEvent]) -> dict[str, core.JobState]:
     """Fold events (of any number of jobs, in log order) into each job's state."""
-    return core.fold_log(events)
+    return fold_log(events)
 
 
 CHAIN_CHECK_PROCESS_EVENTS = 100_000
@@ -99,7 +100,7 @@ def replay_log(store: EventStore, progress: Callable[[int, int], None] | None = 
         events = check.events()
         if progress is not None:
             events = _reporting(events, progress, check.upto)
-        states = core.fold_log(events, whole_log=store.path)
+        states = fold_log(events, whole_log=store.path)
         check.finish({job_id: state.version for job_id, state in states.items()})
     finally:
         check.cancel()

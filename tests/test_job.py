@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given as given_
@@ -39,12 +40,12 @@ from flowactors.job import (
     Submit,
     decide,
     evolve,
-    fold_log,
     initial_state,
     recorded_digest,
     state_digest,
     view,
 )
+from flowactors.folding import fold_log
 from flowactors.spec import GRPOConfig, JobSpec, TrainingQuery
 from flowactors.testing import given, load_history, then
 from flowactors.views import JobStatus
@@ -303,6 +304,58 @@ def test_fold_log_gives_the_states_evolve_gives_one_event_at_a_time(picks):
     one_by_one = _evolved_one_by_one(log)
     assert folded == one_by_one
     assert list(folded) == list(one_by_one)  # jobs in the order of their first event
+
+
+def _checkpoint_events(steps: list[tuple[int, int, int, list[int]]]) -> list[tuple[int, Any]]:
+    """Events of two jobs that checkpoint: saves at iterations that mostly go up (a step of -1
+    makes one go down), prunes and recoveries naming saved iterations, iterations and budget
+    thresholds between them."""
+    numbers, saved = [0, 0], [[], []]
+    log: list[tuple[int, Any]] = []
+    for job, kind, step, picks in steps:
+        named = [saved[job][pick % len(saved[job])] for pick in picks] if saved[job] else []
+        if kind == 0:
+            numbers[job] = max(0, numbers[job] + step)
+            saved[job].append(numbers[job])
+            digest = f"sha256:{numbers[job]:064x}"
+            event: Any = CheckpointSaved(
+                iteration=numbers[job], state_ref=digest, validation_score=0.5,
+                policy_digest=digest, optimizer_digest=digest, rng_digest=digest,
+                state_digest=digest)
+        elif kind == 1:
+            event = CheckpointsPruned(iterations=named, released=[])
+        elif kind == 2:
+            event = IterationCompleted(iteration=numbers[job], avg_reward=1.0, std_reward=0.0,
+                                       loss=0.1, tokens=3, cost_usd=0.01)
+        elif kind == 3:
+            event = BudgetThresholdReached(fraction=0.75, cost_usd=1.0, budget_usd=2.0)
+        else:
+            event = JobRecovered(from_checkpoint=named[0] if named else None, attempt=1)
+        log.append((job, event))
+    return log
+
+
+@settings(max_examples=300, deadline=None)
+@given_(st.lists(st.tuples(st.integers(0, 1), st.sampled_from([0, 0, 1, 1, 2, 3, 4]),
+                           st.sampled_from([1, 1, 1, 2, 0, -1]),
+                           st.lists(st.integers(0, 5), max_size=3)), max_size=80))
+def test_fold_log_folds_checkpoint_saves_and_prunes_as_evolve_does(steps):
+    """Saves (mostly in order, sometimes not), prunes, recoveries and other events of two
+    jobs interleaved: fold_log keeps checkpoints in a list between events and must still give
+    the states evolve gives, pruned marks and their order included."""
+    start = [JobSubmitted(spec=make_spec()), JobStarted()]
+    log = [(job, event) for job in (0, 1) for event in start] + _checkpoint_events(steps)
+    versions: dict[str, int] = {}
+    recorded = []
+    for position, (job, event) in enumerate(log, start=1):
+        stream = f"job-{job}"
+        versions[stream] = versions.get(stream, 0) + 1
+        recorded.append(RecordedEvent(
+            position=position, stream=stream, version=versions[stream],
+            type=event_tag(type(event)), schema_version=type(event).schema_version,
+            recorded_at=datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(seconds=position),
+            event=event))
+    assert fold_log(recorded) == _evolved_one_by_one(recorded)
 
 
 def test_fold_log_of_recorded_histories_matches_evolve():
