@@ -26,20 +26,24 @@ from . import schemas as schema_files
 from .demo import demo
 from .console import (
     Failure,
+    LogStatus,
     Progress,
     detail,
     echo_json,
     moment,
     number,
+    owner_line,
     resolve_job,
     status_rows,
     summary,
     table,
+    without_owner,
 )
 from .errors import CheckpointNotFound, FlowError
 from .history import export_lines, history_line
 from .logs import log_to_stderr
 from .report import report
+from .store import owner_of
 
 __all__ = ["main"]
 
@@ -117,14 +121,19 @@ def status(job: str | None, db: Path, as_json: bool) -> None:
     """Show every job as a table, or one JOB in detail.
 
     Columns: id, agent, status, iteration/total, average reward, cost, best checkpoint.
+    The last line says which process owns the log now; when none does (its runtime ended),
+    running and queued jobs are marked *: they resume when the log is opened. With --json,
+    the whole log is {"log", "owner", "jobs"} and one JOB is its JobView, whose `waiting`
+    says the same.
 
     \b
     Example:
         flowactors status --db flow.db
     """
+    owner = owner_of(db)
     with rp.open_log(db) as store:
         if job is not None:
-            view = core.view(rp.job_state(store, resolve_job(store, job)))
+            view = without_owner(core.view(rp.job_state(store, resolve_job(store, job))), owner)
             if as_json:
                 echo_json(view)
             else:
@@ -135,13 +144,12 @@ def status(job: str | None, db: Path, as_json: bool) -> None:
             states = rp.replay_log(store, progress.update)
         finally:
             progress.close()
-    views = [core.view(s) for s in states.values() if s.exists]
+    views = [without_owner(core.view(s), owner) for s in states.values() if s.exists]
     if as_json:
-        echo_json(views)
-    elif views:
-        click.echo(status_rows(views))
-    else:
-        click.echo(f"no jobs in {db}")
+        echo_json(LogStatus(log=str(db), owner=owner, jobs=views))
+        return
+    click.echo(status_rows(views) if views else f"no jobs in {db}")
+    click.echo(owner_line(db, owner))
 
 
 def _history_line(recorded: Any) -> str:

@@ -30,8 +30,8 @@ from .events import (
     JobSubmitted,
 )
 from .logs import log_to_stderr
-from .store import EventStore
-from .views import JobView
+from .store import EventStore, Owner
+from .views import JobStatus, JobView
 
 EXIT_FAILED = 1
 T = TypeVar("T")
@@ -188,8 +188,37 @@ def number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+ORPHANED = "no runtime owns its log now: it resumes when the log is opened"
+"""`JobView.waiting` of a running or queued job whose log nobody owns (its runtime ended)."""
+
+
+class LogStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """`flowactors status --json` of a whole log: who owns it now, and every job's view."""
+
+    log: str
+    owner: Owner | None
+    jobs: list[JobView]
+
+
+def without_owner(view: JobView, owner: Owner | None) -> JobView:
+    """`view` as the log's owner (None: nobody) leaves it: a running or queued job of a log
+    nobody owns is not running, it waits for the next open."""
+    if owner is not None or view.waiting or view.status not in (JobStatus.RUNNING,
+                                                                JobStatus.QUEUED):
+        return view
+    return msgspec.structs.replace(view, waiting=ORPHANED)
+
+
+def owner_line(log: object, owner: Owner | None) -> str:
+    if owner is None:
+        return (f"no runtime owns {log} now: jobs marked * resume when the log is opened "
+                f"(`flowactors demo --db {log}` or `Runtime({str(log)!r})`)")
+    return f"{log} is owned by pid {owner.pid} on {owner.host} since {moment(owner.since)}"
+
+
 def status_rows(views: list[JobView]) -> str:
-    rows = [[v.job_id, v.agent_id, v.status.value,
+    """The table of `flowactors status`; a status marked * waits for an owner of the log."""
+    rows = [[v.job_id, v.agent_id, v.status.value + ("*" if v.waiting == ORPHANED else ""),
              f"{v.progress.current_iteration}/{v.progress.total_iterations}",
              number(v.metrics.get("avg_reward")), money(v.cost.cost_usd),
              "-" if v.best_checkpoint is None else str(v.best_checkpoint)]
@@ -204,7 +233,7 @@ def detail(v: JobView) -> str:
     error = "-" if v.error is None else f"{v.error.reason}: {v.error.type}: {v.error.message}"
     lines = [
         ("job", v.job_id), ("agent", v.agent_id), ("task", v.task or "-"),
-        ("status", v.status.value),
+        ("status", v.status.value + (f" (waiting: {v.waiting})" if v.waiting else "")),
         ("progress", f"{v.progress.current_iteration}/{v.progress.total_iterations} "
                      f"iterations ({v.progress.percent_complete:g}%)"),
         ("metrics", metrics),

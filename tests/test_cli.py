@@ -26,6 +26,7 @@ from flowactors import job as core
 from flowactors import schemas as schema_files
 from flowactors import testing
 from flowactors.cli import main
+from flowactors.console import ORPHANED, LogStatus
 from flowactors.events import (
     IterationCompleted,
     JobCompleted,
@@ -108,8 +109,8 @@ def test_status_lists_every_job_as_the_runtime_saw_it(log):
     assert rows["done"][2:4] == ["completed", "6/6"]
     assert rows["failed"][2:4] == ["failed", "2/5"]
     assert rows["budget"][2:4] == ["failed", "4/10"] and rows["budget"][5] == "$4.0000"
-    as_json = run("status", "--json", db=path)
-    assert msgspec.json.decode(as_json.stdout, type=list[fa.JobView]) == views
+    as_json = msgspec.json.decode(run("status", "--json", db=path).stdout, type=LogStatus)
+    assert as_json.jobs == views and as_json.owner is None
 
 
 def test_status_of_one_job_shows_its_detail(log):
@@ -593,6 +594,38 @@ def killed(tmp_path) -> Path:
     child.wait(timeout=10)
     child.stderr.close()
     return db
+
+
+def test_status_says_who_owns_the_log_and_marks_the_jobs_of_a_killed_runtime(tmp_path):
+    """While a runtime process owns the log, `status` names its pid and host and its running
+    job is plain `running`; once it is SIGKILLed, the same job is marked as waiting for the
+    next open, in the table, in `status JOB` and in --json (owner null)."""
+    db, fault_file = tmp_path / "flow.db", tmp_path / "faults"
+    fault_file.touch()
+    child = start_child(db, "actor.checkpoint@3", fault_file)  # freezes, owning the log
+    try:
+        wait_until(lambda: fault_file.read_text() or child.poll() is not None, 60,
+                   "the fault point")
+        assert child.poll() is None, child.stderr.read().decode()
+        owned = run("status", db=db).stdout.splitlines()
+        assert owned[-1].startswith(f"{db} is owned by pid {child.pid} on "), owned
+        assert owned[1].split()[2] == "running"
+        as_json = msgspec.json.decode(run("status", "--json", db=db).stdout)
+        assert as_json["owner"]["pid"] == child.pid and as_json["jobs"][0]["waiting"] is None
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
+        child.stderr.close()
+    orphaned = run("status", db=db).stdout.splitlines()
+    assert orphaned[1].split()[2] == "running*", orphaned
+    assert orphaned[-1].startswith(f"no runtime owns {db} now: jobs marked * resume when the "
+                                   "log is opened"), orphaned
+    as_json = msgspec.json.decode(run("status", "--json", db=db).stdout)
+    assert as_json["owner"] is None and as_json["log"] == str(db)
+    assert as_json["jobs"][0]["waiting"] == ORPHANED
+    one = msgspec.json.decode(run("status", "job-0", "--json", db=db).stdout, type=fa.JobView)
+    assert one.status is fa.JobStatus.RUNNING and one.waiting == ORPHANED
+    assert "running (waiting: no runtime owns its log now" in run("status", "job-0", db=db).stdout
 
 
 def test_a_killed_writers_log_and_its_copy_can_be_inspected_then_resume(killed, tmp_path):

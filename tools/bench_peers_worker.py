@@ -10,7 +10,7 @@ eventsourcing installed, never the project's), a fresh process and a fresh direc
 Workloads (SYSTEM in brackets):
   steps      [flowactors dbos eventsourcing]  N jobs x M iterations of zero-cost work, each
              iteration durably recorded before the next starts, all jobs at once.
-  build      [flowactors-paused flowactors-running dbos eventsourcing]  write a history of
+  build      [flowactors-crashed flowactors-running dbos eventsourcing]  write a history of
              N jobs x M events for `recover` (done once per run, copied for each repetition).
   recover    [same as build]  rebuild the state of those jobs in a new process.
   status     [flowactors dbos eventsourcing]  p50/p99 of reading one job's state while N jobs
@@ -125,20 +125,26 @@ def fa_steps(directory: Path, n_jobs: int, n_iterations: int, synchronous: str) 
             "settings": settings}
 
 
-def fa_build(path: Path, n_jobs: int, events_per_job: int, paused: bool) -> dict:
-    """A log of N jobs x M events written straight through the store, in batches.
+def fa_build(path: Path, n_jobs: int, events_per_job: int, crashed: bool) -> dict:
+    """The history flowactors recovers from.
 
-    paused: Submitted, Started, iterations, a checkpoint, Paused: reopening rebuilds state and
-    starts nothing. running: Submitted, Started, iterations, a checkpoint: reopening resumes
-    every job from its checkpoint (a JobRecovered event each, then they run on)."""
+    crashed: what a crash leaves: `n_jobs` real `simulated` jobs run by a runtime (a checkpoint
+    every 5 iterations) until the log holds N x M events, every job's events interleaved with
+    the others' as running jobs write them, then SIGKILL (tools/crashed_log.py).
+    running: Submitted, Started, iterations, a checkpoint per job, written straight through
+    the store: reopening resumes every job from its checkpoint (a JobRecovered event each,
+    then they run on)."""
+    if crashed:
+        import crashed_log
+        return {"events": crashed_log.build(path, n_jobs, n_jobs * events_per_job,
+                                            progress=False)}
     import msgspec
 
     from flowactors import codec
-    from flowactors.events import (CheckpointSaved, IterationCompleted, JobPaused,
-                                   JobStarted, JobSubmitted)
+    from flowactors.events import CheckpointSaved, IterationCompleted, JobStarted, JobSubmitted
     from flowactors.store import EventStore
     from flowactors.tasks import build_task
-    n_iter = events_per_job - (4 if paused else 3)
+    n_iter = events_per_job - 3
     total = 0
     with EventStore(path, mode="owner", synchronous="off") as store:
         for j in range(n_jobs):
@@ -150,26 +156,25 @@ def fa_build(path: Path, n_jobs: int, events_per_job: int, paused: bool) -> dict
             events.append(CheckpointSaved(
                 iteration=n_iter, state_ref=ref, validation_score=0.5, metrics={},
                 policy_digest=ref, optimizer_digest=ref, rng_digest=ref, state_digest=ref))
-            if paused:
-                events.append(JobPaused(iteration=n_iter, state_ref=ref))
             store.append(f"job-{j:04d}", events, 0, blobs=[blob])
             total += len(events)
     return {"events": total}
 
 
-def fa_recover(path: Path, n_jobs: int, synchronous: str, paused: bool) -> dict:
-    """paused: the time to open the runtime, which replays the whole log into every job's
-    state and view. running: until every job has resumed (its JobRecovered event durable)."""
+def fa_recover(path: Path, n_jobs: int, synchronous: str, crashed: bool) -> dict:
+    """crashed: the time to open the runtime on the crashed log, which replays the whole log
+    into every job's state and view and starts their actors. running: until every job has
+    resumed (its JobRecovered event durable)."""
     import flowactors as fa
     started = time.perf_counter()
     rt = fa.Runtime(path, max_concurrent_jobs=n_jobs, synchronous=synchronous,
                     handle_signals=False)
     try:
         opened = time.perf_counter() - started
-        if paused:
+        if crashed:
             ready = opened
             views = rt.jobs()
-            assert len(views) == n_jobs and all(v.status is fa.JobStatus.PAUSED for v in views)
+            assert len(views) == n_jobs and all(not v.status.is_terminal for v in views)
         else:
             deadline = time.monotonic() + 600
             while sum(v.attempts >= 1 for v in rt.jobs()) < n_jobs:
@@ -584,16 +589,16 @@ def main(argv: list[str] | None = None) -> int:
         ("steps", "flowactors"): lambda: fa_steps(d, args.jobs, args.iterations, sync),
         ("steps", "dbos"): lambda: dbos_steps(d, args.jobs, args.iterations),
         ("steps", "eventsourcing"): lambda: es_steps(d, args.jobs, args.iterations),
-        ("build", "flowactors-paused"):
-            lambda: fa_build(args.path, args.jobs, args.iterations, paused=True),
+        ("build", "flowactors-crashed"):
+            lambda: fa_build(args.path, args.jobs, args.iterations, crashed=True),
         ("build", "flowactors-running"):
-            lambda: fa_build(args.path, args.jobs, args.iterations, paused=False),
+            lambda: fa_build(args.path, args.jobs, args.iterations, crashed=False),
         ("build", "dbos"): lambda: dbos_build(args.path, args.jobs, args.iterations),
         ("build", "eventsourcing"): lambda: es_build(args.path, args.jobs, args.iterations),
-        ("recover", "flowactors-paused"):
-            lambda: fa_recover(args.path, args.jobs, sync, paused=True),
+        ("recover", "flowactors-crashed"):
+            lambda: fa_recover(args.path, args.jobs, sync, crashed=True),
         ("recover", "flowactors-running"):
-            lambda: fa_recover(args.path, args.jobs, sync, paused=False),
+            lambda: fa_recover(args.path, args.jobs, sync, crashed=False),
         ("recover", "dbos"): lambda: dbos_recover(args.path, args.jobs),
         ("recover", "eventsourcing"): lambda: es_recover(args.path, args.jobs),
         ("status", "flowactors"): lambda: fa_status(d, args.jobs, args.seconds, sync),
