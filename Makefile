@@ -31,5 +31,8 @@ lock:
 	  .lock-venv/bin/python -m pip freeze --all --exclude-editable | grep -v '^wheel=='; } > $(LOCK)
 	rm -rf .lock-venv
 
+# Also the demo's logs (flow.db, flow-2.db, ... with their -wal, -shm, .lock, .token) and the
+# report it suggests writing.
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .import_linter_cache
+	rm -f flow.db flow.db-* flow.db.* flow-[0-9]*.db flow-[0-9]*.db-* flow-[0-9]*.db.* report.html

@@ -276,8 +276,8 @@ class JobActor(pykka.ThreadingActor):
             state_ref=codec.digest(blob),
             validation_score=score,
             policy_digest=codec.digest_of(getattr(trainer, "policy", trainer)),
-            optimizer_digest=codec.digest_of(getattr(trainer, "optimizer", None)),
-            rng_digest=codec.digest_of(getattr(trainer, "rng", None)),
+            optimizer_digest=_digest_if_any(getattr(trainer, "optimizer", None)),
+            rng_digest=_digest_if_any(getattr(trainer, "rng", None)),
         )
 
     def _fail_task(self, exc: Exception) -> None:
@@ -305,6 +305,11 @@ class JobActor(pykka.ThreadingActor):
             self._finish()
         except _Stopped:
             pass
+
+
+def _digest_if_any(part: Any) -> str | None:
+    """The digest of a part of the trainer state; None when the state has no such part."""
+    return None if part is None else codec.digest_of(part)
 
 
 class _Stopped(Exception):

@@ -509,7 +509,7 @@ def serve(db: Path, host: str, port: int, allow_remote: bool) -> None:
         from .server import serve as run
     except ImportError as exc:
         raise Failure(f"serve needs the serve extra ({exc.name} is missing): "
-                      f"pip install 'flowactors[serve]'") from None
+                      f"pip install -e '.[serve]' in a checkout of flowactors") from None
     run(db, host=host, port=port, allow_remote=allow_remote, echo=click.echo)
 
 

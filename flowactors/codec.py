@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 
 from .errors import LogCorrupted
-from .events import EVENT_TYPES, Event, IterationCompleted, JobEvent, event_tag
+from .events import EVENT_TYPES, CheckpointSaved, Event, IterationCompleted, JobEvent, event_tag
 
 _encoder = msgspec.msgpack.Encoder()
 DECODERS: dict[str, tuple[int, Callable[[bytes], Any]]] = {
@@ -52,13 +52,37 @@ def _upcast_iteration_v1(old: IterationCompletedV1) -> IterationCompleted:
     )
 
 
+class CheckpointSavedV1(msgspec.Struct, frozen=True, kw_only=True, tag_field="type",
+                        tag="job.checkpoint_saved"):
+    """`job.checkpoint_saved` schema 1: every digest was a string, the digest of None (the
+    MessagePack `nil`) where the trainer state had no optimizer or RNG."""
+
+    iteration: int
+    state_ref: str
+    validation_score: float
+    metrics: dict[str, float] = {}
+    policy_digest: str
+    optimizer_digest: str
+    rng_digest: str
+    state_digest: str
+
+
+def _upcast_checkpoint_v1(old: CheckpointSavedV1) -> CheckpointSaved:
+    """Every value as recorded: the recorded state digests cover the digests of None too, so
+    rewriting them would make `replay --check` fail on the old log."""
+    return CheckpointSaved(**msgspec.structs.asdict(old))
+
+
 # (type, old schema version) -> (decoder of the old shape, upcaster to the current Struct)
 _UPCASTERS: dict[tuple[str, int], tuple[msgspec.msgpack.Decoder, Callable[[Any], Event]]] = {
     ("job.iteration_completed", 1): (
         msgspec.msgpack.Decoder(IterationCompletedV1), _upcast_iteration_v1),
+    ("job.checkpoint_saved", 1): (
+        msgspec.msgpack.Decoder(CheckpointSavedV1), _upcast_checkpoint_v1),
 }
 OLD_SHAPES: dict[tuple[str, int], type[msgspec.Struct]] = {
     ("job.iteration_completed", 1): IterationCompletedV1,
+    ("job.checkpoint_saved", 1): CheckpointSavedV1,
 }
 
 

@@ -32,7 +32,7 @@ from .job import JobState, evolve, initial_state
 from .runtime import Runtime
 from .spec import GRPOConfig, JobSpec
 from .store import EventStore
-from .tasks import build_task
+from .tasks import build_task, reward_scale
 from .tasks.toolchoice import make_training_data
 from .training import split_data
 from .views import CheckpointInfo, JobStatus, JobView
@@ -43,7 +43,7 @@ __all__ = ["BASELINE_MAX", "DEFAULT_ITERATIONS", "DEFAULT_JOBS", "LEARNED_MIN", 
 DEFAULT_JOBS = 4
 DEFAULT_ITERATIONS = 60
 LEARNING_RATES = (0.05, 0.01)
-N_QUERIES = 200  # 20% held out: 40 queries the policy never trains on
+N_QUERIES = 200  # 160-169 distinct; 20% held out: 32-33 queries the policy never trains on
 BATCH_SIZE = 32
 TRAJECTORIES_PER_QUERY = 8
 CHECKPOINT_INTERVAL = 5
@@ -70,7 +70,7 @@ def demo_specs(n_jobs: int = DEFAULT_JOBS,
     return {
         f"{JOB_PREFIX}{seed}": JobSpec(
             agent_id=f"toolchoice-agent-{seed}-of-{n_jobs}",
-            training_data=make_training_data(N_QUERIES, seed),
+            training_data=make_training_data(N_QUERIES, seed, distinct=True),
             config=GRPOConfig(
                 n_iterations=n_iterations, batch_size=BATCH_SIZE,
                 n_trajectories_per_query=TRAJECTORIES_PER_QUERY,
@@ -249,8 +249,9 @@ class Display:
 
     HEADER = (f"  {'job':<8} {'seed':>4} {'lr':>5}  {'status':<9} {'progress':<14} "
               f"{'reward':>6} {'success':>7}  {'held-out':<9} {'best':>4}")
-    LEGEND = ("reward, success: this iteration's rollouts; held-out: greedy success on unseen "
-              "queries\nat the latest checkpoint (@ its iteration); best: the best checkpoint.")
+    LEGEND = ("reward (the scale above), success (0..1): this iteration's rollouts; held-out: "
+              "greedy success on\nunseen queries at the latest checkpoint (@ its iteration); "
+              "best: the best checkpoint.")
 
     def __init__(self, out: TextIO, *, live: bool) -> None:
         self.out = out
@@ -409,6 +410,7 @@ def _run(plan: RunPlan, out: TextIO, *, live: bool) -> int:
                f"{config.checkpoint_interval}.", file=out)
     click.echo(f"Goal: held-out success ({n_held_out} queries never trained on) from "
                f"<= {BASELINE_MAX} untrained to >= {LEARNED_MIN}.", file=out)
+    click.echo(f"Reward of a trajectory: {reward_scale(any_spec.task)}.", file=out)
     click.echo(textwrap.fill(plan.reason[0].upper() + plan.reason[1:] + ".", width=88,
                              break_on_hyphens=False, break_long_words=False),
                file=out)

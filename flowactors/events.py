@@ -55,15 +55,20 @@ class IterationCompleted(Event, tag="job.iteration_completed", kw_only=True):
 
 
 class CheckpointSaved(Event, tag="job.checkpoint_saved", kw_only=True):
-    """The full trainer state after `iteration` is stored in the blob `state_ref`."""
+    """The full trainer state after `iteration` is stored in the blob `state_ref`.
 
+    Schema 2: `optimizer_digest` and `rng_digest` are None when the trainer state has no
+    `optimizer` / `rng` (schema 1 recorded the digest of None there).
+    """
+
+    schema_version: ClassVar[int] = 2
     iteration: int
     state_ref: Digest
     validation_score: float
     metrics: dict[str, float] = {}
     policy_digest: Digest
-    optimizer_digest: Digest
-    rng_digest: Digest
+    optimizer_digest: Digest | None
+    rng_digest: Digest | None
     state_digest: Digest
 
 

@@ -36,7 +36,7 @@ from .events import (
     RecordedEvent,
     event_tag,
 )
-from .spec import JobSpec
+from .spec import JobSpec, digest_form, validation_set
 from .views import CheckpointInfo, Cost, JobError, JobStatus, JobView, Progress
 
 BUDGET_THRESHOLDS = (0.75, 0.9)
@@ -212,7 +212,8 @@ def state_digest(state: JobState) -> Digest:
     Timestamps come from the envelope, which does not exist yet when an event is decided; every
     other field is a pure function of the events, so this digest pins `evolve` itself.
     """
-    canonical = replace(state, created_at=None, started_at=None, finished_at=None, position=0)
+    canonical = replace(state, created_at=None, started_at=None, finished_at=None, position=0,
+                        spec=digest_form(state.spec))
     # Sorted dict keys: a dict's value, not the order its keys were inserted in (an upcast
     # event may build the same metrics in another order), decides the digest.
     return hashlib.sha256(msgspec.msgpack.encode(canonical, order="deterministic")).hexdigest()
@@ -249,8 +250,8 @@ class SavedState(msgspec.Struct, frozen=True, kw_only=True):
     state_ref: Digest
     validation_score: float
     policy_digest: Digest
-    optimizer_digest: Digest
-    rng_digest: Digest
+    optimizer_digest: Digest | None
+    rng_digest: Digest | None
 
 
 class RecordIteration(msgspec.Struct, frozen=True, kw_only=True):
@@ -466,6 +467,7 @@ def view(state: JobState) -> JobView:
         priority=spec.priority,
         version=state.version,
         validation_score=state.validation_score,
+        validation_set=validation_set(spec),
     )
 
 

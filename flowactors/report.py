@@ -25,6 +25,7 @@ from .errors import FlowError, JobNotFound
 from .events import CheckpointSaved, IterationCompleted, JobRecovered, RecordedEvent
 from .job import JobState, evolve, initial_state
 from .store import EventStore
+from .tasks import reward_scale
 
 __all__ = ["CheckpointPoint", "JobCurves", "Recovery", "ReportData", "METRICS", "build_figure",
            "load_report", "render_html", "report", "write_report"]
@@ -36,7 +37,8 @@ METRICS = {
 }
 """The per-iteration metrics plotted, each in its own panel, one line per job."""
 HELD_OUT = "validation_score"
-INSTALL_HINT = "the report needs plotly: pip install 'flowactors[report]'"
+INSTALL_HINT = ("the report needs plotly: pip install plotly (or pip install -e '.[report]' in a "
+                "checkout of flowactors)")
 
 
 class CheckpointPoint(msgspec.Struct, frozen=True, kw_only=True):
@@ -312,7 +314,8 @@ Check that the log still holds what this report shows:<br>
 {chr(10).join(rows)}
 </table>
 {figure}
-<p class="note">One line per job and metric over its iterations. Diamonds mark checkpoints;
+<p class="note">One line per job and metric over its iterations. {esc(_scales(data))}
+Diamonds mark checkpoints;
 the held-out panel shows the validation score saved with each checkpoint (the greedy policy's
 success on queries it never trained on). A dotted vertical line (labelled ↻ in the first panel)
 marks a recovery: the job resumed from that checkpoint after a crash, and the iterations after
@@ -321,6 +324,15 @@ the legend to hide it; drag to zoom, double-click to reset.</p>
 </body>
 </html>
 """
+
+
+def _scales(data: ReportData) -> str:
+    """What the numbers mean: the reward is each task's own sum, not a fraction."""
+    tasks = sorted({job.task for job in data.jobs})
+    said = [f"{task}: {scale}" for task in tasks if (scale := reward_scale(task))]
+    return ("Average reward is the mean of a trajectory's reward on its task's own scale"
+            + (f" ({'; '.join(said)})" if said else "") + "; success rates and held-out "
+            "scores are fractions, 0 to 1.")
 
 
 def _fmt(value: float | None) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -62,6 +62,46 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     task: NonEmptyStr = "simulated"
     task_options: dict[str, Any] = {}
     priority: Annotated[int, msgspec.Meta(ge=-1_000_000, le=1_000_000)] = 0
+    validation_data: Annotated[list[TrainingQuery], msgspec.Meta(min_length=1)] | None = None
+    """The queries every validation score is computed on, never trained on. None: hold out
+    `config.eval_fraction` of `training_data` instead (or, with `eval_fraction=0`, score on
+    the training data). Last, and left out of state digests while None, so that jobs
+    recorded before it existed still replay to their recorded digests."""
+
+
+_DIGESTED_BEFORE = [name for name in JobSpec.__struct_fields__ if name != "validation_data"]
+_SpecAsDigestedBefore = msgspec.defstruct(
+    "JobSpec", [(name, Any) for name in _DIGESTED_BEFORE], kw_only=True, frozen=True)
+
+
+def digest_form(spec: JobSpec | None) -> Any:
+    """`spec` as a state digest encodes it: without `validation_data` while that is None, so
+    that a job recorded before the field existed keeps the digests its events recorded (the
+    MessagePack of a Struct lists its fields in order, and a new one would change it)."""
+    if spec is None or spec.validation_data is not None:
+        return spec
+    return _SpecAsDigestedBefore(**{name: getattr(spec, name) for name in _DIGESTED_BEFORE})
+
+
+ValidationSet = Literal["validation_data", "held_out", "training_data"]
+"""Which queries a job's validation scores are computed on (`JobView.validation_set`)."""
+
+
+def held_out_count(n_queries: int, eval_fraction: float) -> int:
+    """How many of `n_queries` training queries `eval_fraction` holds out (rounded down)."""
+    return int(n_queries * eval_fraction)
+
+
+def validation_set(spec: JobSpec) -> ValidationSet:
+    """Which queries `spec`'s validation scores are computed on.
+
+    `training_data` when nothing is held out: `eval_fraction=0`, or a job recorded before a
+    split that leaves a side empty was refused.
+    """
+    if spec.validation_data is not None:
+        return "validation_data"
+    n = len(spec.training_data)
+    return "held_out" if 0 < held_out_count(n, spec.config.eval_fraction) < n else "training_data"
 
 
 def validate_spec(value: Any) -> JobSpec:
@@ -83,6 +123,7 @@ def validate_spec(value: Any) -> JobSpec:
                         f"`{_unencodable_path(value)}`") from None
     _require_storable(spec)
     _require_finite(msgspec.to_builtins(spec))
+    _require_separate_sets(spec)
     for name, bound in UPPER_BOUNDS.items():
         value = getattr(spec.config, name)
         if value is not None and value > bound:
@@ -101,6 +142,44 @@ def validate_job_id(job_id: Any) -> str:
         raise SpecError(f"invalid job id {job_id!r}: use 1-128 characters of A-Z a-z 0-9 "
                         f"and . _ : - (not starting with .)")
     return job_id
+
+
+def _require_separate_sets(spec: JobSpec) -> None:
+    """A validation score means something only on queries the job never trains on: refuse a
+    split that leaves either side empty, and a query on both sides. (Checked on submit, not
+    on reading a log: a job recorded before these rules still replays.)"""
+    data = spec.training_data
+    first_seen: dict[str, int] = {}
+    duplicate = None
+    for i, query in enumerate(data):
+        if duplicate is None and query.query in first_seen:
+            duplicate = i
+        first_seen.setdefault(query.query, i)
+    if spec.validation_data is not None:
+        for i, query in enumerate(spec.validation_data):
+            if query.query in first_seen:
+                raise SpecError(
+                    f"invalid job spec: validation query {query.query!r} is also "
+                    f"training_data[{first_seen[query.query]}]: the two sets must not overlap "
+                    f"- at `$.validation_data[{i}]`")
+        return
+    fraction = spec.config.eval_fraction
+    if fraction == 0:
+        return  # asked for: scores on the training data (JobView.validation_set says so)
+    n_eval = held_out_count(len(data), fraction)
+    if not 0 < n_eval < len(data):
+        raise SpecError(
+            f"invalid job spec: eval_fraction {fraction:g} of the {len(data)} "
+            f"quer{'y' if len(data) == 1 else 'ies'} of training_data holds out {n_eval}, and "
+            f"both sides of the split need one; give more training_data, or validation_data, "
+            f"or eval_fraction=0 to score on the training data - at `$.config.eval_fraction`")
+    if duplicate is not None:
+        text = data[duplicate].query
+        raise SpecError(
+            f"invalid job spec: training query {text!r} is also training_data"
+            f"[{first_seen[text]}], so the held-out split could score on a query it trains "
+            f"on; remove the duplicate or give validation_data - at "
+            f"`$.training_data[{duplicate}]`")
 
 
 def _require_finite(value: Any, path: str = "$") -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import random
 
-from .spec import JobSpec, TrainingQuery
+from .spec import JobSpec, TrainingQuery, held_out_count
 
 
 def derive_seed(*parts: object) -> int:
@@ -18,13 +18,18 @@ def derive_seed(*parts: object) -> int:
 
 
 def split_data(spec: JobSpec) -> tuple[list[TrainingQuery], list[TrainingQuery]]:
-    """(train, held_out): `eval_fraction` of the data is held out, by a seeded shuffle.
+    """(train, scored): the queries the job trains on and those its validation scores use.
 
-    With too little data to hold any out, evaluation uses the training queries.
+    `validation_data` when the spec has it (then all of `training_data` trains); otherwise
+    `eval_fraction` of the data is held out, by a seeded shuffle. With nothing held out
+    (`eval_fraction=0`, or a job recorded before `validate_spec` refused a split with an
+    empty side) the scores use the training queries, as `spec.validation_set` says.
     """
     data = list(spec.training_data)
+    if spec.validation_data is not None:
+        return data, list(spec.validation_data)
     shuffled = random.Random(derive_seed(spec.config.seed, "split")).sample(data, len(data))
-    n_eval = int(len(data) * spec.config.eval_fraction)
+    n_eval = held_out_count(len(data), spec.config.eval_fraction)
     if n_eval == 0 or n_eval == len(data):
         return data, data
     return shuffled[n_eval:], shuffled[:n_eval]

@@ -7,6 +7,8 @@ from enum import Enum
 
 import msgspec
 
+from .spec import ValidationSet
+
 
 class JobStatus(str, Enum):
     """Where a job is in its lifecycle (see DESIGN.md for the allowed transitions)."""
@@ -70,6 +72,10 @@ class JobView(msgspec.Struct, frozen=True, kw_only=True):
     """Why an unfinished job makes no progress although nothing is wrong with it: its task
     cannot be loaded here, or no runtime owns its log. Set by whoever serves the view, not by
     the job's events; None otherwise."""
+    validation_set: ValidationSet | None = None
+    """Which queries `validation_score` and every checkpoint's score were computed on:
+    `validation_data` (the spec's own), `held_out` (`eval_fraction` of `training_data`, never
+    trained on) or `training_data` (nothing held out: `eval_fraction=0`)."""
 
 
 class CheckpointInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -81,5 +87,5 @@ class CheckpointInfo(msgspec.Struct, frozen=True, kw_only=True):
     pruned: bool
     state_ref: str
     policy_digest: str
-    optimizer_digest: str
-    rng_digest: str
+    optimizer_digest: str | None
+    rng_digest: str | None

@@ -86,7 +86,7 @@ def test_sigkill_at_any_moment_resumes_to_identical_final_states(tmp_path, refer
 SIGNAL_CHILD = """
 import sys, flowactors as fa
 spec = fa.JobSpec(agent_id="a", training_data=[fa.TrainingQuery(query="q")], task="simulated",
-                  config=fa.GRPOConfig(n_iterations=100000, checkpoint_interval=5),
+                  config=fa.GRPOConfig(n_iterations=100000, checkpoint_interval=5, eval_fraction=0),
                   task_options={"rollout_seconds": 0.002})
 with fa.Runtime(sys.argv[1]) as rt:
     rt.submit(spec, job_id="job")

@@ -35,6 +35,7 @@ from flowactors.errors import FlowError, LogCorrupted
 from flowactors.events import IterationCompleted, JobCompleted, JobRecovered, JobSubmitted
 from flowactors.job import JobState, fold
 from flowactors.store import EventStore
+from flowactors.tasks.toolchoice import ToolChoiceTask
 from flowactors.views import JobStatus
 
 SMALL = ("--jobs", "2", "--iterations", "20")
@@ -95,6 +96,7 @@ def test_default_demo_learns_past_the_threshold_it_states_in_under_two_minutes(t
     assert f"from <= {BASELINE_MAX} to >= {LEARNED_MIN} within {DEFAULT_ITERATIONS}" \
         in result.output
     assert "PASS" in result.output
+    assert f"Reward of a trajectory: {ToolChoiceTask.reward_scale}." in result.output
     states = job_states(db)
     specs = demo_specs()
     assert sorted(states) == sorted(specs) and len(specs) == DEFAULT_JOBS
@@ -193,6 +195,25 @@ def test_ctrl_c_stops_cleanly_with_code_130_and_the_next_run_resumes(tmp_path, r
     uninterrupted = tmp_path / "uninterrupted.db"
     assert run_demo("--db", uninterrupted, "--jobs", "2", "--iterations", "40").returncode == 0
     assert final_digests(db) == final_digests(uninterrupted)
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_stops_the_demo_cleanly_with_code_143(tmp_path):
+    """SIGTERM mid-run (what `kill` and service managers send): the runtime closes cleanly,
+    the demo says so and exits 143 (128 + 15, the README's claim), with no traceback and the
+    jobs left running in the log, to resume."""
+    db = tmp_path / "flow.db"
+    child = subprocess.Popen(demo_command("--db", db, "--jobs", "1", "--iterations", "40"),
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    for line in child.stdout:
+        if "checkpoint saved" in line:
+            child.send_signal(signal.SIGTERM)
+            break
+    out, err = child.communicate(timeout=30)
+    assert child.returncode == 143 == 128 + signal.SIGTERM, out + err
+    assert "Traceback" not in err and "Stopped" in out
+    assert [s.status for s in job_states(db).values()] == [JobStatus.RUNNING]
 
 
 def test_a_rerun_after_completion_starts_fresh_in_a_new_file_and_keeps_the_old_one(tmp_path):

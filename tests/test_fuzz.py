@@ -60,7 +60,7 @@ CONFIG_FIELDS = list(msgspec.structs.fields(fa.GRPOConfig))
 
 
 def valid_spec_data() -> dict[str, Any]:
-    return {"agent_id": "agent", "training_data": [{"query": "q0"}, {"query": "q1"}],
+    return {"agent_id": "agent", "training_data": [{"query": f"q{i}"} for i in range(5)],
             "config": {"n_iterations": 3, "checkpoint_interval": 2, "seed": 1},
             "task": "simulated", "task_options": {"rollout_seconds": 0.0}, "priority": 0}
 

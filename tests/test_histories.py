@@ -198,7 +198,7 @@ from flowactors import GRPOConfig, JobSpec, TrainingQuery
 
 def test_a_job(flow_runtime):
     spec = JobSpec(agent_id="a", training_data=[TrainingQuery(query="q")],
-                   config=GRPOConfig(n_iterations=3, checkpoint_interval=2))
+                   config=GRPOConfig(n_iterations=3, checkpoint_interval=2, eval_fraction=0))
     job_id = flow_runtime.submit(spec, job_id="recorded")
     assert flow_runtime.wait(job_id, timeout=30).status == "completed"
 '''

@@ -15,7 +15,7 @@ SCRIPT = textwrap.dedent("""
     if sys.argv[1] == "configured":
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s %(message)s")
     spec = fa.JobSpec(agent_id="a", task="simulated", training_data=[fa.TrainingQuery(query="q")],
-                      config=fa.GRPOConfig(n_iterations=2))
+                      config=fa.GRPOConfig(n_iterations=2, eval_fraction=0))
     with fa.Runtime("script.db", synchronous="off") as rt:
         view = rt.wait(rt.submit(spec, job_id="job-1"), timeout=60)
     print("last line:", view.status.value)

@@ -36,6 +36,14 @@ def test_the_readme_has_the_blocks_these_tests_run():
     assert "coin:CoinTask" in blocks[2] and "def test_my_task" in blocks[3]
 
 
+def test_the_api_example_prints_what_its_comment_says(tmp_path):
+    """The API example's claimed output (its `# -> ...` comment) is what it prints."""
+    block = readme_blocks()[0]
+    (tmp_path / "api.py").write_text(block)
+    claimed = re.search(r"# -> (.+?)   ", block)
+    assert claimed is not None and claimed.group(1) in run(["api.py"], tmp_path).splitlines()
+
+
 def test_the_api_example_runs(tmp_path):
     (tmp_path / "api.py").write_text(readme_blocks()[0])
     out = run(["api.py"], tmp_path)
@@ -55,3 +63,92 @@ def test_the_testing_example_passes(tmp_path):
     (tmp_path / "test_example.py").write_text(readme_blocks()[3])
     out = run(["-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)], REPO)
     assert "3 passed" in out, out[-2000:]
+
+
+# --- the commands the README shows ---------------------------------------------------------------
+
+def readme_commands() -> list[str]:
+    """Every `flowactors ...` command line of the README's sh blocks, and those of its text
+    blocks (program output) that name a subcommand; comments and redirections cut off."""
+    from flowactors.cli import main
+
+    text = (REPO / "README.md").read_text()
+    commands = []
+    for kind, block in re.findall(r"^```(sh|text)\n(.*?)^```", text, flags=re.S | re.M):
+        for line in block.splitlines():
+            words = line.split()
+            if words[:1] == ["flowactors"] and (kind == "sh" or words[1:2] and words[1]
+                                                 in main.commands):
+                commands.append(re.split(r"\s+(?:#|>)", line.strip())[0])
+    return commands
+
+
+def test_the_readme_shows_the_commands_these_tests_check():
+    """The extraction finds the command table and the demo's closing hints."""
+    commands = readme_commands()
+    assert len(commands) >= 15, commands
+    assert "flowactors replay --check" in commands
+    assert "flowactors history demo-0 --db flow.db" in commands
+
+
+@pytest.mark.parametrize("command", readme_commands())
+def test_every_command_the_readme_shows_parses_and_its_help_lists_its_options(command):
+    """Each command line the README shows is accepted by the `flowactors` parser as written
+    (subcommand, options, their values' types; nothing is run), and every option it uses is
+    in `flowactors SUBCOMMAND --help`, which exits 0 (as sqlite-utils checks its CLI docs)."""
+    import shlex
+
+    from click.testing import CliRunner
+
+    from flowactors.cli import main
+
+    args = shlex.split(command)[1:]
+    first = next(i for i, a in enumerate(args) if not a.startswith("-"))
+    with main.make_context("flowactors", args[:first], resilient_parsing=True) as ctx:
+        name, sub, rest = main.resolve_command(ctx, args[first:])
+        with sub.make_context(name, rest, parent=ctx):
+            pass
+    shown = CliRunner().invoke(main, [name, "--help"])
+    assert shown.exit_code == 0, shown.output
+    for option in (a.split("=")[0] for a in args if a.startswith("--")):
+        assert option in shown.output, (command, option)
+
+
+def test_make_clean_removes_what_the_demo_and_its_hints_write(tmp_path):
+    """`make clean` removes the demo's logs with their side files and the report it suggests,
+    and the tools' caches; other files stay."""
+    import shutil
+    if shutil.which("make") is None:
+        pytest.skip("no make on this machine")
+    (tmp_path / "Makefile").write_text((REPO / "Makefile").read_text())
+    made = ["flow.db", "flow.db-wal", "flow.db-shm", "flow.db.lock", "flow.db.token",
+            "flow-2.db", "flow-2.db-wal", "flow-12.db.lock", "report.html"]
+    for name in made + ["coin.db", "notes.html"]:
+        (tmp_path / name).write_text("x")
+    (tmp_path / ".import_linter_cache").mkdir()
+    (tmp_path / ".import_linter_cache" / "f").write_text("x")
+    done = subprocess.run(["make", "clean"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 0, done.stderr
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["Makefile", "coin.db", "notes.html"], left
+
+
+def test_the_field_reference_names_every_field_of_the_spec_and_the_views():
+    """The section "The spec and the views, field by field" names each field of each type a
+    user builds or reads, so a new field cannot go undocumented (a user once tried
+    `view.iteration`: the section says where the iteration is)."""
+    import msgspec
+
+    import flowactors as fa
+    from flowactors.events import RecordedEvent
+    from flowactors.views import Cost, JobError, Progress
+
+    text = (REPO / "README.md").read_text()
+    section = text.split("## The spec and the views, field by field", 1)[1].split("\n## ", 1)[0]
+    types = [fa.JobSpec, fa.TrainingQuery, fa.GRPOConfig, fa.JobView, Progress, Cost, JobError,
+             fa.CheckpointInfo, RecordedEvent, fa.Trajectory]
+    missing = [f"{t.__name__}.{f.name}" for t in types for f in msgspec.structs.fields(t)
+               if f"`{f.name}`" not in section]
+    assert not missing, missing
+    assert "view.progress.current_iteration" in section

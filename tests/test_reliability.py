@@ -701,7 +701,7 @@ CONCURRENT_RECOVERY = textwrap.dedent("""
     from flowactors.tasks.toolchoice import make_training_data
 
     specs = [validate_spec({"agent_id": "a", "training_data": [{"query": "q"}],
-                            "task": "simulated"}),
+                            "task": "simulated", "config": {"eval_fraction": 0}}),
              validate_spec({"agent_id": "b", "training_data": make_training_data(8, seed=1),
                             "task": "toolchoice"})]
     actors = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import sys
@@ -15,7 +16,7 @@ import flowactors as fa
 from flowactors.events import CheckpointSaved, IterationCompleted, JobCompleted
 from flowactors.report import METRICS, build_figure, load_report, render_html, report
 from flowactors.store import EventStore
-from flowactors.tasks.toolchoice import make_training_data
+from flowactors.tasks.toolchoice import ToolChoiceTask, make_training_data
 
 pytest.importorskip("plotly")
 
@@ -24,7 +25,7 @@ N_ITERATIONS, INTERVAL, RERUN = 12, 5, 2
 
 def spec(seed: int) -> fa.JobSpec:
     return fa.JobSpec(
-        agent_id=f"agent-{seed}", training_data=make_training_data(40, seed), task="toolchoice",
+        agent_id=f"agent-{seed}", training_data=make_training_data(40, seed, distinct=True), task="toolchoice",
         config=fa.GRPOConfig(n_iterations=N_ITERATIONS, batch_size=8, n_trajectories_per_query=4,
                              checkpoint_interval=INTERVAL, max_steps_per_trajectory=4,
                              seed=seed))
@@ -177,5 +178,14 @@ def test_without_plotly_it_says_how_to_install_it(log, tmp_path, monkeypatch):
     out = tmp_path / "report.html"
     result = CliRunner().invoke(report, ["--db", str(log), "--out", str(out)])
     assert result.exit_code == 1
-    assert "pip install 'flowactors[report]'" in result.output
+    assert "pip install plotly" in result.output
     assert not out.exists()
+
+
+def test_the_report_says_what_scale_the_reward_is_on(log):
+    """An average reward of 1.08 beside a success of 1.00 needs its scale said: the page
+    gives the built-in task's reward scale and says which numbers are fractions."""
+    text = render_html(load_report(log, ["a"]))
+    assert f"toolchoice: {html.escape(ToolChoiceTask.reward_scale)}" in text
+    assert "success rates and held-out scores are fractions, 0 to 1" in text
+    assert "1.08" in ToolChoiceTask.reward_scale

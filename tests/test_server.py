@@ -251,7 +251,7 @@ def test_oversized_bodies_are_refused_unread(rt):
     """A body over the limit gets 413 whether it declares its length or streams in chunks;
     nothing is written."""
     big_spec = spec_json(sim_spec())
-    big_spec["training_data"] = [{"query": "q" * 1000}] * 80  # about 90 kB of JSON
+    big_spec["training_data"] = [{"query": f"{i:02} " + "q" * 1000} for i in range(80)]  # ~90 kB
     request = {"jsonrpc": "2.0", "id": 1, "method": "training.start_grpo",
                "params": {"spec": big_spec}}
     body = json.dumps(request).encode()
@@ -269,7 +269,7 @@ def test_oversized_bodies_are_refused_unread(rt):
                                headers={"Content-Type": "application/json"})
         assert streamed.status_code == 413
         assert head(rt) == 0
-        request["params"]["spec"]["training_data"] = [{"query": "q" * 1000}] * 20
+        request["params"]["spec"]["training_data"] = big_spec["training_data"][:20]
         assert client.post("/rpc", json=request).json()["result"]["status"] == "queued"
 
 

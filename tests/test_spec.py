@@ -91,7 +91,7 @@ outcomes = st.recursive(
 @pytest.mark.timeout(300)
 def test_every_accepted_spec_exports_a_history_that_passes_its_check(tmp_path):
     """Property: whatever a spec holds, if submit accepts it, the exported history of its run
-    loads back and every recorded state digest is reproduced."""
+    loads back and every recorded state digest is reproduced (with `validation_data` too)."""
     accepted: list[str] = []
 
     with open_runtime(tmp_path / "flow.db") as rt:
@@ -102,6 +102,7 @@ def test_every_accepted_spec_exports_a_history_that_passes_its_check(tmp_path):
         def submit_any(outcome, kind, query):
             spec = fa.JobSpec(agent_id="a", task="simulated", training_data=[
                 fa.TrainingQuery(query=query, expected_outcome={"x": outcome}, kind=kind)],
+                validation_data=[fa.TrainingQuery(query=query + "?", kind=kind)],
                 config=fa.GRPOConfig(n_iterations=2, checkpoint_interval=1, batch_size=1,
                                      n_trajectories_per_query=2))
             try:

@@ -100,7 +100,7 @@ class JobsConfig:
                 task_options={"rollout_seconds": self.rollout_seconds})
         if self.toolchoice:
             specs["job-tool"] = fa.JobSpec(
-                agent_id="agent-tool", training_data=make_training_data(24, seed=7),
+                agent_id="agent-tool", training_data=make_training_data(24, seed=7, distinct=True),
                 task="toolchoice",
                 config=fa.GRPOConfig(n_iterations=10, checkpoint_interval=3, batch_size=4,
                                      n_trajectories_per_query=4, seed=7, keep_checkpoints=2),

@@ -24,7 +24,7 @@ ENTRY_POINT_GROUP = "flowactors.tasks"
 
 __all__ = ["BUILTIN_TASKS", "NoOptions", "Task", "TrainerState", "Trajectory",
            "failed_trajectory", "group_advantages", "load_task_class", "build_task",
-           "state_decoder"]
+           "reward_scale", "state_decoder"]
 
 
 def _import(target: str, name: str) -> Any:
@@ -69,6 +69,15 @@ def load_task_class(name: str) -> type:
     raise SpecError(f"unknown task {name!r} at $.task: not built in "
                     f"({', '.join(sorted(BUILTIN_TASKS))}), not an entry point of "
                     f"{ENTRY_POINT_GROUP!r}, not 'module:attr'")
+
+
+def reward_scale(name: str) -> str | None:
+    """What a trajectory's reward means for the built-in task `name` (its optional
+    `reward_scale`), for displays to say beside an average reward; None for other tasks,
+    whose code a report built from the log alone does not import."""
+    if name not in BUILTIN_TASKS:
+        return None
+    return getattr(load_task_class(name), "reward_scale", None)
 
 
 def build_task(spec: JobSpec) -> Task:

@@ -60,6 +60,7 @@ class SimulatedTask:
 
     Options: ClassVar[type[msgspec.Struct]] = SimulatedOptions
     state_type: ClassVar[type] = SimulatedState
+    reward_scale: ClassVar[str] = "1 for a success, 0 otherwise, plus Gaussian noise (sd 0.05)"
 
     def __init__(self, options: SimulatedOptions) -> None:
         self.options = options

@@ -278,8 +278,10 @@ _WORDS = ("apple", "river", "planet", "garden", "silver", "rocket", "window", "f
           "puzzle", "candle", "tiger", "orange", "bridge", "marble", "shadow", "violin")
 
 
-def make_training_data(n: int, seed: int) -> list[TrainingQuery]:
-    """`n` typed queries with expected outcomes, deterministic from `seed`.
+def make_training_data(n: int, seed: int, *, distinct: bool = False) -> list[TrainingQuery]:
+    """`n` typed queries with expected outcomes, deterministic from `seed`; with `distinct`,
+    only the first of the queries that share a text (fewer than `n` then): a held-out split
+    of data with repeats would score on queries it trains on, which `validate_spec` refuses.
 
     Kinds come round-robin (arithmetic, lookup, conversion, text), each phrased by one of a few
     templates. Templates share words across kinds ("what is", "in", "of") so the policy must
@@ -325,6 +327,9 @@ def make_training_data(n: int, seed: int) -> list[TrainingQuery]:
             text, tool = template.format(w=word), "text"
         queries.append(TrainingQuery(query=text, kind=kind,
                                      expected_outcome={"tool": tool, "answer": answer}))
+    if distinct:
+        first = {q.query: i for i, q in reversed(list(enumerate(queries)))}
+        return [q for i, q in enumerate(queries) if first[q.query] == i]
     return queries
 
 
@@ -336,6 +341,11 @@ class ToolChoiceTask:
     Options: ClassVar[type[msgspec.Struct]] = ToolChoiceOptions
     state_type: ClassVar[type] = ToolChoiceState
     inline_rollouts: ClassVar[bool] = True  # a rollout is a few hundred µs of pure Python
+    reward_scale: ClassVar[str] = (
+        f"+{OUTCOME_REWARD:g} for a correct answer, +{CORRECT_TOOL_BONUS:g} for using the "
+        f"expected tool, -{STEP_PENALTY:g} per step: at best "
+        f"{OUTCOME_REWARD + CORRECT_TOOL_BONUS - 2 * STEP_PENALTY:.2f} (the tool, then the "
+        f"answer), not 1")
 
     def __init__(self, options: ToolChoiceOptions) -> None:
         self.options = options
