@@ -47,6 +47,21 @@ class JobError(msgspec.Struct, frozen=True, kw_only=True):
     reason: str
 
 
+class ForkOrigin(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a forked job came from: its parent's checkpoint, whose trainer state it shares."""
+
+    parent_id: str
+    at_iteration: int
+    state_ref: str
+
+
+class ForkNote(msgspec.Struct, frozen=True, kw_only=True):
+    """A job forked from this one, at this one's checkpoint `at_iteration`."""
+
+    child_id: str
+    at_iteration: int
+
+
 class JobView(msgspec.Struct, frozen=True, kw_only=True):
     """A job's status as users see it; every field derives from the job's recorded events."""
 
@@ -70,6 +85,8 @@ class JobView(msgspec.Struct, frozen=True, kw_only=True):
     """Why an unfinished job makes no progress although nothing is wrong with it: its task
     cannot be loaded here, or no runtime owns its log. Set by whoever serves the view, not by
     the job's events; None otherwise."""
+    forked_from: ForkOrigin | None = None
+    forks: list[ForkNote] = []
 
 
 class CheckpointInfo(msgspec.Struct, frozen=True, kw_only=True):
