@@ -275,10 +275,8 @@ class JobActor(pykka.ThreadingActor):
                 return False
             result = _iteration_result(iteration, groups, metrics)
             if self.spec.config.record_trajectories:
-                blob = trajectories.encode_groups(
-                    batch_for(self.spec, self.train, iteration), groups)
-                blobs.append(blob)
-                result = msgspec.structs.replace(result, trajectories_ref=codec.digest(blob))
+                result = trajectories.attach(
+                    result, batch_for(self.spec, self.train, iteration), groups, blobs)
             events = decide(RecordIteration(result=result, saved=saved), self.state)
             releases = [r for e in events for r in getattr(e, "released", ())]
             fault_point("actor.checkpoint" if saved else "actor.iteration")

@@ -52,9 +52,11 @@ class IterationCompleted(Event, tag="job.iteration_completed", kw_only=True):
     n_failed: int = 0
     tokens: int = 0
     cost_usd: float = 0.0
+    trajectories: bytes | None = None
+    """The iteration's trajectories (`flowactors.trajectories`), encoded, when
+    `GRPOConfig.record_trajectories` was on and they are small enough to keep in the event."""
     trajectories_ref: Digest | None = None
-    """The blob holding the iteration's trajectories (`flowactors.trajectories`), when
-    `GRPOConfig.record_trajectories` was on."""
+    """Else the blob holding them, stored where checkpoint states are."""
 
 
 class CheckpointSaved(Event, tag="job.checkpoint_saved", kw_only=True):
