@@ -203,3 +203,24 @@ def test_the_fork_command_queues_a_child_with_changed_settings(parent_log):
         assert locked.exit_code == 1 and "Runtime.fork" in locked.output
     history = runner.invoke(main, ["history", "parent", "--db", str(parent_log)])
     assert "job kid forked from checkpoint 2" in history.stdout
+
+
+def test_a_fork_recovers_to_its_fork_point_before_its_own_first_checkpoint():
+    """Given a fork that ran one iteration past its fork point, a recovery rewinds to the
+    fork's checkpoint (not to the start): the resume point is the parent's shared state."""
+    from flowactors import testing
+    from flowactors.events import IterationCompleted, JobStarted, JobSubmitted
+    from flowactors.job import Recover
+    forked = JobForked(parent_id="p", at_iteration=4, state_ref="ab" * 32, validation_score=0.5,
+                       metrics={"avg_reward": 0.25}, policy_digest="0" * 64,
+                       optimizer_digest="0" * 64, rng_digest="0" * 64)
+    state = testing.given(JobSubmitted(spec=sim_spec(n_iterations=8)), forked, JobStarted(),
+                          IterationCompleted(iteration=5, avg_reward=0.9, std_reward=0.0,
+                                             loss=0.0), job_id="kid")
+    assert state.iteration == 5
+    (recovered,) = testing.when(state, Recover(attempt=1))
+    after = testing.then(state, [recovered])
+    assert recovered.from_checkpoint == 4
+    assert (after.iteration, after.metrics) == (4, {"avg_reward": 0.25})
+    assert after.resume_point.state_ref == "ab" * 32
+    assert after.forked_from.parent_id == "p"
