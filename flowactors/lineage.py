@@ -19,7 +19,7 @@ import pykka
 
 from . import job as core
 from .actors import RecordLineage
-from .errors import CheckpointNotFound, SpecError
+from .errors import CheckpointNotFound, FlowError, SpecError
 from .events import Event, ForkCreated, JobForked, JobSubmitted
 from .logs import get_logger
 from .replay import job_state
@@ -162,9 +162,14 @@ def note_parent(rt: Any, parent_id: str, note: ForkCreated) -> None:
 
 
 def repair_notes(rt: Any) -> None:
-    """Record the notes of forks a crash left out of their parents' streams."""
+    """Record the notes of forks a crash left out of their parents' streams (a failure to is
+    logged: the children's records stand, and the next open tries again)."""
     for parent_id, note in missing_notes(dict(rt._states)):
-        note_parent(rt, parent_id, note)
+        try:
+            note_parent(rt, parent_id, note)
+        except FlowError as exc:
+            log.warning("fork_note_failed", job_id=parent_id, child_id=note.child_id,
+                        error=str(exc))
 
 
 # --- with no runtime (the command line) --------------------------------------------------------
