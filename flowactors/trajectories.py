@@ -6,7 +6,8 @@ more writes than the event, and the hash chain covers them. Larger ones go where
 checkpoint states go: a content-addressed blob stored in the same append, which the event
 names (`trajectories_ref`) and `verify` checks against its address. (A blob for every
 iteration cost a third of the runtime's iterations per second on `bench_runtime`'s 100-job
-run; the event field costs a few percent.) An iteration that a recovery superseded keeps its
+run; the event field costs a few percent. 64 KiB holds the built-in learning task's 256
+trajectories of an iteration, steps and features included.) An iteration that a recovery superseded keeps its
 trajectories on record, marked superseded as its event is. Reading one iteration's
 trajectories reads the job's events (and at most that one blob).
 """
@@ -27,7 +28,7 @@ from .tasks import Trajectory
 __all__ = ["INLINE_MAX_BYTES", "RecordedTrajectory", "TrajectoryGroup", "attach",
            "encode_groups", "read", "select"]
 
-INLINE_MAX_BYTES = 8192
+INLINE_MAX_BYTES = 65536
 """Encoded trajectories up to this size are kept in the iteration's event; larger, a blob."""
 
 
