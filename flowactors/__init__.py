@@ -20,7 +20,8 @@ from .rollouts import AsyncRollouts, RolloutBackend, ThreadRollouts
 from .runtime import Runtime
 from .spec import GRPOConfig, JobSpec, TrainingQuery
 from .tasks import Task, TrainerState, Trajectory
-from .views import CheckpointInfo, JobStatus, JobView
+from .trajectories import RecordedTrajectory
+from .views import CheckpointInfo, ForkNote, ForkOrigin, JobStatus, JobView
 
 if TYPE_CHECKING:
     from .rollouts.raycluster import RayRollouts
@@ -32,6 +33,8 @@ __all__ = [
     "CheckpointNotFound",
     "ConcurrencyConflict",
     "FlowError",
+    "ForkNote",
+    "ForkOrigin",
     "GRPOConfig",
     "InvalidTransition",
     "JobNotFound",
@@ -42,6 +45,7 @@ __all__ = [
     "LogNotFound",
     "RayRollouts",
     "RecordedEvent",
+    "RecordedTrajectory",
     "RolloutBackend",
     "Runtime",
     "SpecError",

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import msgspec
 import pykka
 
-from . import codec
+from . import codec, trajectories
 from .errors import FlowError
 from .events import Event, IterationCompleted, RecordedEvent
 from .faults import fault_point
@@ -76,6 +76,13 @@ class CancelRequest(msgspec.Struct, frozen=True):
 
 class PauseRequest(msgspec.Struct, frozen=True):
     pass
+
+
+class RecordLineage(msgspec.Struct, frozen=True):
+    """Append events that change nothing of the training (a fork's note) between iterations;
+    the answer is True once they are durable."""
+
+    events: list[Event]
 
 
 class JobActor(pykka.ThreadingActor):
@@ -149,6 +156,12 @@ class JobActor(pykka.ThreadingActor):
                 self._run_inline_iterations()
             case CancelRequest(reason=reason):
                 self._cancel(reason)
+            case RecordLineage(events=events):
+                try:
+                    self._append(list(events))
+                except _Stopped:
+                    return False
+                return True
             case PauseRequest():
                 self.pause_requested = True
                 if self.batch is None:  # between iterations: pause now
@@ -261,9 +274,12 @@ class JobActor(pykka.ThreadingActor):
                 self._fail_task(exc)
                 return False
             result = _iteration_result(iteration, groups, metrics)
+            if self.spec.config.record_trajectories:
+                result = trajectories.attach(
+                    result, batch_for(self.spec, self.train, iteration), groups, blobs)
             events = decide(RecordIteration(result=result, saved=saved), self.state)
             releases = [r for e in events for r in getattr(e, "released", ())]
-            fault_point("actor.checkpoint" if blobs else "actor.iteration")
+            fault_point("actor.checkpoint" if saved else "actor.iteration")
             self._append(events, blobs, releases)
             self.trainer = trainer
             return True

@@ -23,6 +23,7 @@ from . import job as core
 from . import remote
 from . import replay as rp
 from . import schemas as schema_files
+from .cli_lineage import fork, trajectories
 from .demo import demo
 from .console import (
     Failure,
@@ -515,6 +516,8 @@ def serve(db: Path, host: str, port: int, allow_remote: bool) -> None:
 
 main.add_command(demo)
 main.add_command(report)
+main.add_command(trajectories)
+main.add_command(fork)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,13 @@ from .events import (
     BudgetThresholdReached,
     CheckpointSaved,
     CheckpointsPruned,
+    ForkCreated,
     IterationCompleted,
     JobCancelled,
     JobCompleted,
     JobEvent,
     JobFailed,
+    JobForked,
     JobPaused,
     JobRecovered,
     JobResumed,
@@ -124,6 +126,10 @@ def summary(event: JobEvent) -> str:
         case JobRecovered(from_checkpoint=checkpoint, attempt=attempt, cause=cause):
             start = "the start" if checkpoint is None else f"checkpoint {checkpoint}"
             return f"recovered after a {cause}: attempt {attempt}, from {start}"
+        case JobForked(parent_id=parent, at_iteration=at):
+            return f"forked from job {parent} at checkpoint {at}"
+        case ForkCreated(child_id=child, at_iteration=at):
+            return f"job {child} forked from checkpoint {at}"
         case _:
             return ""
 
@@ -244,6 +250,12 @@ def detail(v: JobView) -> str:
         ("created", moment(v.created_at)), ("started", moment(v.started_at)),
         ("finished", moment(v.finished_at)), ("version", str(v.version)),
     ]
+    if v.forked_from is not None:
+        lines.append(("forked from", f"job {v.forked_from.parent_id} at checkpoint "
+                                     f"{v.forked_from.at_iteration}"))
+    if v.forks:
+        lines.append(("forks", ", ".join(f"{f.child_id} (at {f.at_iteration})"
+                                         for f in v.forks)))
     return "\n".join(f"{name:<11} {value}" for name, value in lines)
 
 

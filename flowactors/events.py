@@ -52,6 +52,11 @@ class IterationCompleted(Event, tag="job.iteration_completed", kw_only=True):
     n_failed: int = 0
     tokens: int = 0
     cost_usd: float = 0.0
+    trajectories: bytes | None = None
+    """The iteration's trajectories (`flowactors.trajectories`), encoded, when
+    `GRPOConfig.record_trajectories` was on and they are small enough to keep in the event."""
+    trajectories_ref: Digest | None = None
+    """Else the blob holding them, stored where checkpoint states are."""
 
 
 class CheckpointSaved(Event, tag="job.checkpoint_saved", kw_only=True):
@@ -141,6 +146,31 @@ class JobRecovered(Event, tag="job.recovered", kw_only=True):
     cause: Literal["crash", "restart"] = "crash"
 
 
+class JobForked(Event, tag="job.forked", kw_only=True):
+    """The job starts from checkpoint `at_iteration` of job `parent_id`, sharing its trainer
+    state (the blob `state_ref`, not a copy): recorded after the child's `JobSubmitted`.
+
+    The checkpoint's record is the child's first checkpoint, so a recovery rewinds to it.
+    """
+
+    parent_id: str
+    at_iteration: int
+    state_ref: Digest
+    validation_score: float
+    metrics: dict[str, float] = {}
+    policy_digest: Digest
+    optimizer_digest: Digest | None
+    rng_digest: Digest | None
+
+
+class ForkCreated(Event, tag="job.fork_created", kw_only=True):
+    """A job `child_id` was forked from this job's checkpoint `at_iteration` (lineage only:
+    nothing of this job's training changes)."""
+
+    child_id: str
+    at_iteration: int
+
+
 JobEvent = (
     JobSubmitted
     | JobStarted
@@ -154,6 +184,8 @@ JobEvent = (
     | JobCompleted
     | JobFailed
     | JobRecovered
+    | JobForked
+    | ForkCreated
 )
 
 EVENT_TYPES: tuple[type[Event], ...] = JobEvent.__args__  # type: ignore[attr-defined]

@@ -27,7 +27,9 @@ from .events import (
     JobCancelled,
     JobCompleted,
     JobEvent,
+    ForkCreated,
     JobFailed,
+    JobForked,
     JobPaused,
     JobRecovered,
     JobResumed,
@@ -37,7 +39,16 @@ from .events import (
     event_tag,
 )
 from .spec import JobSpec, digest_form, validation_set
-from .views import CheckpointInfo, Cost, JobError, JobStatus, JobView, Progress
+from .views import (
+    CheckpointInfo,
+    Cost,
+    ForkNote,
+    ForkOrigin,
+    JobError,
+    JobStatus,
+    JobView,
+    Progress,
+)
 
 BUDGET_THRESHOLDS = (0.75, 0.9)
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -83,6 +94,8 @@ class JobState(msgspec.Struct, frozen=True, kw_only=True):
     created_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    forked_from: ForkOrigin | None = None
+    forks: tuple[ForkNote, ...] = ()
 
     @property
     def exists(self) -> bool:
@@ -159,6 +172,10 @@ def _changes(state: JobState, event: JobEvent, at: datetime) -> dict[str, Any]:
             return {"status": JobStatus.FAILED, "finished_at": at, "error": error}
         case JobRecovered(from_checkpoint=from_checkpoint, attempt=attempt):
             return {"attempts": attempt, **_rewind(state, from_checkpoint)}
+        case JobForked():
+            return _forked(event)
+        case ForkCreated(child_id=child_id, at_iteration=at_iteration):
+            return {"forks": (*state.forks, ForkNote(child_id=child_id, at_iteration=at_iteration))}
         case _:
             assert_never(event)
 
@@ -180,6 +197,20 @@ def checkpoint_record(state: JobState, event: CheckpointSaved) -> CheckpointReco
 
 def pruned_record(record: CheckpointRecord) -> CheckpointRecord:
     return replace(record, info=replace(record.info, pruned=True))
+
+
+def _forked(event: JobForked) -> dict[str, Any]:
+    """A fork starts after its parent's checkpoint, which is its own first checkpoint."""
+    info = CheckpointInfo(
+        iteration=event.at_iteration, validation_score=event.validation_score,
+        metrics=event.metrics, pruned=False, state_ref=event.state_ref,
+        policy_digest=event.policy_digest, optimizer_digest=event.optimizer_digest,
+        rng_digest=event.rng_digest)
+    return {"iteration": event.at_iteration, "metrics": event.metrics,
+            "checkpoints": (CheckpointRecord(info=info, thresholds=()),),
+            "resume_point": ResumePoint(iteration=event.at_iteration, state_ref=event.state_ref),
+            "forked_from": ForkOrigin(parent_id=event.parent_id, at_iteration=event.at_iteration,
+                                      state_ref=event.state_ref)}
 
 
 def _rewind(state: JobState, iteration: int | None) -> dict[str, Any]:
@@ -215,8 +246,19 @@ def state_digest(state: JobState) -> Digest:
     canonical = replace(state, created_at=None, started_at=None, finished_at=None, position=0,
                         spec=digest_form(state.spec))
     # Sorted dict keys: a dict's value, not the order its keys were inserted in (an upcast
-    # event may build the same metrics in another order), decides the digest.
-    return hashlib.sha256(msgspec.msgpack.encode(canonical, order="deterministic")).hexdigest()
+    # event may build the same metrics in another order), decides the digest. Struct fields
+    # keep their order; fields added since digests were first recorded count only when set,
+    # so every digest an older flowactors recorded stays the same.
+    data = msgspec.to_builtins(canonical, order="deterministic",
+                               builtin_types=(bytes, bytearray, memoryview))
+    if data["forked_from"] is None:
+        del data["forked_from"]
+    if not data["forks"]:
+        del data["forks"]
+    config = (data.get("spec") or {}).get("config")
+    if config is not None and config["record_trajectories"] is True:
+        del config["record_trajectories"]
+    return hashlib.sha256(msgspec.msgpack.encode(data)).hexdigest()
 
 
 # --- commands ----------------------------------------------------------------------------------
@@ -468,6 +510,8 @@ def view(state: JobState) -> JobView:
         version=state.version,
         validation_score=state.validation_score,
         validation_set=validation_set(spec),
+        forked_from=state.forked_from,
+        forks=list(state.forks),
     )
 
 

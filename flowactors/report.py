@@ -22,10 +22,11 @@ import msgspec
 
 from .console import Failure, resolve_job, stderr_logs
 from .errors import FlowError, JobNotFound
-from .events import CheckpointSaved, IterationCompleted, JobRecovered, RecordedEvent
+from .events import CheckpointSaved, IterationCompleted, JobForked, JobRecovered, RecordedEvent
 from .job import JobState, evolve, initial_state
 from .store import EventStore
 from .tasks import reward_scale
+from .trajectories import RecordedTrajectory, read as read_trajectories
 
 __all__ = ["CheckpointPoint", "JobCurves", "Recovery", "ReportData", "METRICS", "build_figure",
            "load_report", "render_html", "report", "write_report"]
@@ -79,6 +80,7 @@ class JobCurves(msgspec.Struct, frozen=True, kw_only=True):
     cost_usd: float
     final_state_digest: str | None
     events: int
+    lineage: str = ""
 
     @property
     def label(self) -> str:
@@ -92,6 +94,8 @@ class ReportData(msgspec.Struct, frozen=True, kw_only=True):
     head_position: int
     head_hash: str
     jobs: list[JobCurves]
+    trajectory_iteration: int | None = None
+    trajectories: list[RecordedTrajectory] = []
 
 
 # --- extraction: plain functions on the log --------------------------------------------------------
@@ -115,6 +119,11 @@ class _Timeline:
                 self.points[event.iteration] = event
             case CheckpointSaved(iteration=iteration, validation_score=score):
                 self.checkpoints[iteration] = score
+            case JobForked(at_iteration=at, metrics=m):  # the child's curves start there
+                self.points[at] = IterationCompleted(
+                    iteration=at, avg_reward=m.get("avg_reward", 0.0),
+                    std_reward=m.get("std_reward", 0.0), loss=m.get("loss", 0.0),
+                    success_rate=m.get("success_rate", 0.0))
             case JobRecovered(from_checkpoint=checkpoint, attempt=attempt, cause=cause):
                 start = checkpoint or 0
                 superseded = [i for i in self.points if i > start]
@@ -148,11 +157,24 @@ class _Timeline:
             recoveries=self.recoveries, final_score=state.validation_score,
             best_checkpoint=best.iteration if best else None, attempts=state.attempts,
             cost_usd=state.cost_usd, final_state_digest=state.final_state_digest,
-            events=self.events)
+            events=self.events, lineage=_lineage(state))
 
 
-def load_report(path: str | Path, job_ids: Sequence[str] = ()) -> ReportData:
-    """Read the curves of `job_ids` (every job when empty) from the log at `path`, read-only.
+def _lineage(state: JobState) -> str:
+    parts = []
+    if state.forked_from is not None:
+        origin = state.forked_from
+        parts.append(f"forked from {origin.parent_id} at {origin.at_iteration}")
+    if state.forks:
+        parts.append("forks: " + ", ".join(f"{f.child_id} (at {f.at_iteration})"
+                                           for f in state.forks))
+    return "; ".join(parts)
+
+
+def load_report(path: str | Path, job_ids: Sequence[str] = (),
+                trajectory_iteration: int | None = None) -> ReportData:
+    """Read the curves of `job_ids` (every job when empty) from the log at `path`, read-only,
+    and each job's recorded trajectories of `trajectory_iteration` when given.
 
     Raises:
         LogNotFound: no file at `path` (nothing is created).
@@ -175,8 +197,12 @@ def load_report(path: str | Path, job_ids: Sequence[str] = ()) -> ReportData:
                     timeline = timelines[recorded.stream] = _Timeline(recorded.stream)
                 timeline.add(recorded)
         position, head_hash = store.head()
+        found = [] if trajectory_iteration is None else [
+            t for job_id in timelines
+            for t in read_trajectories(store, job_id, iteration=trajectory_iteration)]
     return ReportData(path=str(path), head_position=position, head_hash=head_hash,
-                      jobs=[t.curves() for t in timelines.values()])
+                      jobs=[t.curves() for t in timelines.values()],
+                      trajectory_iteration=trajectory_iteration, trajectories=found)
 
 
 # --- drawing --------------------------------------------------------------------------------------
@@ -290,7 +316,8 @@ def render_html(data: ReportData) -> str:
             f"<td>{_fmt(job.final_score)}</td>"
             f"<td>{job.best_checkpoint if job.best_checkpoint is not None else '–'}</td>"
             f"<td class='l wrap'>{esc(recoveries)}</td><td>${job.cost_usd:.4f}</td>"
-            f"<td class=l><code>{esc((job.final_state_digest or '–')[:16])}</code></td></tr>")
+            f"<td class=l><code>{esc((job.final_state_digest or '–')[:16])}</code></td>"
+            f"<td class='l wrap'>{esc(job.lineage or '–')}</td></tr>")
     figure = fig.to_html(full_html=False, include_plotlyjs=True, div_id="flowactors-curves",
                          config={"displaylogo": False, "responsive": True})
     title = f"flowactors report: {Path(data.path).name}"
@@ -310,10 +337,12 @@ Check that the log still holds what this report shows:<br>
 <table>
 <tr><th class=l>job</th><th class=l>task</th><th>seed</th><th>lr</th><th class=l>status</th>
 <th>iterations</th><th>final held-out</th><th>best checkpoint</th>
-<th class=l>recoveries</th><th>cost</th><th class=l>final state digest</th></tr>
+<th class=l>recoveries</th><th>cost</th><th class=l>final state digest</th>
+<th class=l>lineage</th></tr>
 {chr(10).join(rows)}
 </table>
 {figure}
+{_trajectory_table(data)}
 <p class="note">One line per job and metric over its iterations. {esc(_scales(data))}
 Diamonds mark checkpoints;
 the held-out panel shows the validation score saved with each checkpoint (the greedy policy's
@@ -333,6 +362,24 @@ def _scales(data: ReportData) -> str:
     return ("Average reward is the mean of a trajectory's reward on its task's own scale"
             + (f" ({'; '.join(said)})" if said else "") + "; success rates and held-out "
             "scores are fractions, 0 to 1.")
+
+
+def _trajectory_table(data: ReportData) -> str:
+    """The recorded trajectories of the chosen iteration, one row each."""
+    if data.trajectory_iteration is None:
+        return ""
+    esc = html.escape
+    rows = [f"<tr><td class=l>{esc(t.job_id)}</td><td>{t.query_index}.{t.index}</td>"
+            f"<td class='l wrap'>{esc(t.query)}</td><td>{t.reward:.4f}</td>"
+            f"<td class=l>{'yes' if t.success else 'no'}</td><td>{t.steps}</td>"
+            f"<td>{t.tokens}</td><td>${t.cost_usd:.4f}</td>"
+            f"<td class='l wrap'>{esc(t.error or '')}"
+            f"{' (superseded)' if t.superseded else ''}</td></tr>" for t in data.trajectories]
+    return (f"<h2 id=trajectories>Trajectories of iteration {data.trajectory_iteration}</h2>"
+            "<table><tr><th class=l>job</th><th>#</th><th class=l>query</th><th>reward</th>"
+            "<th class=l>success</th><th>steps</th><th>tokens</th><th>cost</th>"
+            "<th class=l>error</th></tr>" + "".join(rows) + "</table>"
+            + ("" if rows else "<p class=note>No trajectories on record there.</p>"))
 
 
 def _fmt(value: float | None) -> str:
@@ -368,11 +415,14 @@ def _plotly_available() -> bool:
               show_default=True, help="The log file (opened read-only).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default="report.html",
               show_default=True, help="The HTML file to write.")
-def report(job_ids: tuple[str, ...], db: Path, out: Path) -> None:
+@click.option("--trajectories", "iteration", type=click.IntRange(min=1), metavar="N",
+              help="Add a table of the jobs' recorded trajectories of iteration N.")
+def report(job_ids: tuple[str, ...], db: Path, out: Path, iteration: int | None) -> None:
     """Write an HTML report of jobs' reward, success and loss curves, from the log alone.
 
     Every job of the log when no JOB is given. Checkpoints and their held-out scores are
-    marked, and so are recovery points (where a job resumed after a crash). The file is
+    marked, and so are recovery points (where a job resumed after a crash); a fork's curves
+    start at its fork point, on its parent's. The file is
     self-contained (it works offline) and the same log always gives the same file.
 
     \b
@@ -387,7 +437,7 @@ def report(job_ids: tuple[str, ...], db: Path, out: Path) -> None:
         try:
             with EventStore(db, mode="readonly") as store:
                 job_ids = tuple(resolve_job(store, job_id) for job_id in job_ids)
-            data = load_report(db, job_ids)
+            data = load_report(db, job_ids, iteration)
         except FlowError as exc:
             raise Failure(str(exc)) from None
     if not data.jobs:

@@ -21,6 +21,7 @@ from typing import Any
 import msgspec
 import pykka
 
+from . import lineage
 from .actors import CancelRequest, JobActor, PauseRequest
 from .errors import (
     CheckpointNotFound,
@@ -52,6 +53,7 @@ from .rollouts import RolloutBackend, ThreadRollouts
 from .spec import JobSpec, validate_job_id, validate_spec
 from .store import EventStore
 from .tasks import build_task, state_decoder
+from .trajectories import RecordedTrajectory, read as read_trajectories
 from .views import CheckpointInfo, JobStatus, JobView
 
 log = get_logger(__name__)
@@ -111,6 +113,7 @@ class Runtime:
             raise
         finally:
             self.ready.set()
+        lineage.repair_notes(self)
         self._inbox_stop = threading.Event()
         self._inbox_thread = threading.Thread(target=self._tail_inbox, daemon=True,
                                               name="flowactors-inbox")
@@ -285,6 +288,27 @@ class Runtime:
                 return state_decoder(task).decode(self.store.get_blob(info.state_ref))
         raise CheckpointNotFound(f"job {job_id!r} has no checkpoint at iteration {iteration}")
 
+    def trajectories(self, job_id: str, *, iteration: int | None = None,
+                     success: bool | None = None, min_reward: float | None = None,
+                     limit: int | None = None) -> list[RecordedTrajectory]:
+        """The job's recorded trajectories (superseded runs included, marked), filtered; see
+        `flowactors.trajectories.read`."""
+        self._state(job_id)
+        return read_trajectories(self.store, job_id, iteration=iteration, success=success,
+                                 min_reward=min_reward, limit=limit)
+
+    def fork(self, parent_id: str, *, at_iteration: int, job_id: str | None = None,
+             config: Any = None, task_options: dict[str, Any] | None = None) -> str:
+        """A new job from `parent_id`'s checkpoint `at_iteration`, with the parent's spec but
+        `config` (a whole GRPOConfig) and `task_options` when given; returns its id. Lineage
+        is recorded in both streams; see `flowactors.lineage`.
+
+        Raises:
+            JobNotFound, CheckpointNotFound (none there, or pruned), SpecError.
+        """
+        return lineage.fork_in_runtime(self, parent_id, at_iteration=at_iteration,
+                                       job_id=job_id, config=config, task_options=task_options)
+
     # --- closing ---
 
     def close(self) -> None:
@@ -397,10 +421,10 @@ class Runtime:
             raise SpecError(f"job {job_id!r} cannot resume: {self._unloadable[job_id]}")
         return self._views[job_id]
 
-    def _append_direct(self, state: JobState, events: list) -> None:
+    def _append_direct(self, state: JobState, events: list, blobs: Sequence[bytes] = ()) -> None:
         """Append for a job that has no actor (called with the lock held)."""
         if events:
-            recorded = self.store.append(state.job_id, events, state.version)
+            recorded = self.store.append(state.job_id, events, state.version, blobs=blobs)
             if state.job_id not in self._order:
                 self._order[state.job_id] = recorded[0].position
             self.publish(fold(recorded, state), recorded)

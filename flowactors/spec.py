@@ -51,6 +51,8 @@ class GRPOConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     rollout_timeout_s: Annotated[float, msgspec.Meta(gt=0.0)] | None = None
     keep_checkpoints: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 5
     eval_fraction: Annotated[float, msgspec.Meta(ge=0.0, lt=1.0)] = 0.2
+    record_trajectories: bool = True
+    """Keep each iteration's trajectories on record (`Runtime.trajectories`)."""
 
 
 class JobSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

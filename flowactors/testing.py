@@ -19,6 +19,7 @@ Recorded histories (JSONL written by `flowactors export`, or by `record_history`
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -135,9 +136,18 @@ def log_from_history(history: str | Path, db_path: str | Path) -> Path:
              if raw.strip())
     write_history(db_path, ((line.stream, line.version, line.type, line.schema_version,
                              line.recorded_at.isoformat(),
-                             msgspec.msgpack.encode({"type": line.type, **line.data}))
+                             msgspec.msgpack.encode({"type": line.type, **_binary(line)}))
                             for line in lines))
     return db_path
+
+
+def _binary(line: HistoryLine) -> dict[str, Any]:
+    """A line's data with the bytes JSON carried as base64 (an iteration's trajectories)
+    bytes again, as the log stored them."""
+    data = line.data
+    if line.type == "job.iteration_completed" and isinstance(data.get("trajectories"), str):
+        return {**data, "trajectories": base64.b64decode(data["trajectories"])}
+    return data
 
 
 def recorded(events: Iterable[Event], job_id: str = "job",

@@ -49,6 +49,21 @@ class JobError(msgspec.Struct, frozen=True, kw_only=True):
     reason: str
 
 
+class ForkOrigin(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a forked job came from: its parent's checkpoint, whose trainer state it shares."""
+
+    parent_id: str
+    at_iteration: int
+    state_ref: str
+
+
+class ForkNote(msgspec.Struct, frozen=True, kw_only=True):
+    """A job forked from this one, at this one's checkpoint `at_iteration`."""
+
+    child_id: str
+    at_iteration: int
+
+
 class JobView(msgspec.Struct, frozen=True, kw_only=True):
     """A job's status as users see it; every field derives from the job's recorded events."""
 
@@ -76,6 +91,8 @@ class JobView(msgspec.Struct, frozen=True, kw_only=True):
     """Which queries `validation_score` and every checkpoint's score were computed on:
     `validation_data` (the spec's own), `held_out` (`eval_fraction` of `training_data`, never
     trained on) or `training_data` (nothing held out: `eval_fraction=0`)."""
+    forked_from: ForkOrigin | None = None
+    forks: list[ForkNote] = []
 
 
 class CheckpointInfo(msgspec.Struct, frozen=True, kw_only=True):

@@ -189,3 +189,30 @@ def test_the_report_says_what_scale_the_reward_is_on(log):
     assert f"toolchoice: {html.escape(ToolChoiceTask.reward_scale)}" in text
     assert "success rates and held-out scores are fractions, 0 to 1" in text
     assert "1.08" in ToolChoiceTask.reward_scale
+
+
+def test_a_forks_curves_start_at_its_fork_point_and_a_chosen_iteration_has_a_table(tmp_path):
+    """A fork's curves begin at its parent's checkpoint (with that checkpoint's metrics), the
+    jobs table shows lineage, and --trajectories N adds iteration N's recorded trajectories."""
+    from helpers import open_runtime, sim_spec
+    db = tmp_path / "flow.db"
+    with open_runtime(db) as rt:
+        rt.submit(sim_spec(n_iterations=6, task_options={"failure_rate": 0.3}), job_id="p")
+        rt.wait("p", timeout=30)
+        rt.fork("p", at_iteration=4, job_id="c")
+        rt.wait("c", timeout=30)
+        at_four = next(c.metrics for c in rt.checkpoints("p") if c.iteration == 4)
+        third = rt.trajectories("p", iteration=3) + rt.trajectories("c", iteration=3)
+    data = load_report(db, ["p", "c"], trajectory_iteration=3)
+    parent, child = data.jobs
+    assert parent.iterations == [1, 2, 3, 4, 5, 6] and child.iterations == [4, 5, 6]
+    assert child.metrics["avg_reward"][0] == at_four["avg_reward"]
+    assert child.lineage == "forked from p at 4" and parent.lineage == "forks: c (at 4)"
+    assert data.trajectories == third and len(third) == 4  # the child has no iteration 3
+    out = tmp_path / "r.html"
+    result = CliRunner().invoke(report, ["p", "c", "--db", str(db), "--out", str(out),
+                                         "--trajectories", "3"])
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    assert "Trajectories of iteration 3" in page and "forked from p at 4" in page
+    assert page.count("<tr><td class=l>p</td><td>") == 4

@@ -278,3 +278,28 @@ def test_healthz_is_trivial(rt):
     with served(rt) as (_, client):
         answer = client.get("/healthz")
         assert answer.status_code == 200 and answer.json() == {"status": "ok"}
+
+
+def test_export_trajectories_and_lineage_are_the_cli_json(rt, tmp_path):
+    """training.export_trajectories takes Runtime.trajectories' filters and answers what
+    `flowactors trajectories --json` prints; get_status shows a fork's lineage."""
+    db = str(tmp_path / "flow.db")
+    with served(rt) as (_, client):
+        result(client, "training.start_grpo", job_id="job-1",
+               spec=spec_json(sim_spec(n_iterations=4, task_options={"failure_rate": 0.3})))
+        rt.wait("job-1", timeout=30)
+        failed = result(client, "training.export_trajectories", job_id="job-1", success=False)
+        assert failed == json.loads(cli_json("trajectories", "job-1", "--failed", "--db", db))
+        assert failed and all(not t["success"] for t in failed)
+        second = result(client, "training.export_trajectories", job_id="job-1", iteration=2,
+                        min_reward=0.0, limit=3)
+        assert len(second) <= 3 and {t["iteration"] for t in second} == {2}
+        assert all(t["reward"] >= 0.0 for t in second)
+        bad = rpc(client, "training.export_trajectories", job_id="job-1", iteration=0)
+        assert bad["error"]["code"] == codes.INVALID_PARAMS
+        child = rt.fork("job-1", at_iteration=2, job_id="job-2")
+        rt.wait(child, timeout=30)
+        status = result(client, "training.get_status", job_id="job-2")
+        assert status["forked_from"]["parent_id"] == "job-1"
+        assert result(client, "training.get_status", job_id="job-1")["forks"] == [
+            {"child_id": "job-2", "at_iteration": 2}]

@@ -106,3 +106,40 @@ def test_the_dashboard_shows_live_curves_and_pauses_a_job(tmp_path, quiet_logs, 
             assert errors == []
     finally:
         rt.close()
+
+
+def test_the_job_page_shows_trajectories_and_lineage(tmp_path, quiet_logs, browser):
+    """On a fork's page: its lineage among the facts, and the trajectories view lists the
+    chosen iteration's recorded trajectories (all, then failed only) as the API returns them."""
+    rt = open_runtime(tmp_path / "flow.db")
+    try:
+        rt.submit(sim_spec("flaky", n_iterations=6, task_options={"failure_rate": 0.4}),
+                  job_id="parent")
+        rt.wait("parent", timeout=30)
+        rt.fork("parent", at_iteration=2, job_id="kid")
+        rt.wait("kid", timeout=30)
+        every = rt.trajectories("kid", iteration=5)
+        failed = rt.trajectories("kid", iteration=5, success=False)
+        assert 0 < len(failed) < len(every)
+        with served(rt) as (server, _):
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(f"{server.url}/?token={TOKEN}")
+            page.click("#jobs tbody tr[data-job='kid']")
+            page.wait_for_selector("#job-facts:has-text('forked from parent at 2')",
+                                   timeout=10_000)
+            page.fill("#traj-iteration", "5")
+            page.dispatch_event("#traj-iteration", "change")
+            rows = "#trajectories tbody tr"
+            wait_until(lambda: page.locator(rows).count() == len(every)
+                       and page.locator(rows).first.inner_text().startswith("5"),
+                       timeout=10, message="iteration 5's trajectories")
+            page.check("#traj-failed")
+            wait_until(lambda: page.locator(rows).count() == len(failed), timeout=10,
+                       message="the failed ones only")
+            assert all("no" in page.locator(rows).nth(i).inner_text()
+                       for i in range(len(failed)))
+            assert errors == []
+    finally:
+        rt.close()

@@ -1,6 +1,6 @@
 """Record the histories in tests/histories/ from real runs of the Runtime.
 
-    python tools/record_histories.py [OUT_DIR]        (default: tests/histories)
+    python tools/record_histories.py [OUT_DIR] [--only NAME ...]   (default: tests/histories)
 
 Each scenario runs the `simulated` task with a fixed seed on its own fresh log, then exports
 the job's events (`flowactors.testing.record_history`, the same lines as `flowactors export`)
@@ -143,6 +143,32 @@ def crashed_resumed(db: Path) -> tuple[str, fa.JobView | None]:
     return "job-0", None
 
 
+def forked_parent(db: Path) -> tuple[str, fa.JobView | None]:
+    """A completed job that a fork was made from at checkpoint 2 (its stream lists the fork)."""
+    with runtime(db) as rt:
+        rt.submit(spec("agent-parent", seed=16), job_id="forked_parent")
+        rt.wait("forked_parent", timeout=60)
+        config = msgspec.structs.replace(spec("agent-parent", seed=16).config,
+                                         learning_rate=0.05)
+        rt.fork("forked_parent", at_iteration=2, job_id="forked_child", config=config)
+        rt.wait("forked_child", timeout=60)
+        return "forked_parent", rt.status("forked_parent")
+
+
+def forked_child(db: Path) -> tuple[str, fa.JobView | None]:
+    """The fork of `forked_parent` at checkpoint 2 with learning_rate 0.05: it names its
+    parent and checkpoint and trains iterations 3 to 6 from the parent's trainer state."""
+    forked_parent(db)
+    with runtime(db) as rt:
+        return "forked_child", rt.status("forked_child")
+
+
+def crashed_with_trajectories(db: Path) -> tuple[str, fa.JobView | None]:
+    """`crashed_resumed` recorded with trajectories (on by default since they exist): the
+    superseded iteration 3 keeps its trajectories, in its event."""
+    return crashed_resumed(db)
+
+
 SCENARIOS: dict[str, Callable[[Path], tuple[str, fa.JobView | None]]] = {
     "completed": completed,
     "cancelled": cancelled,
@@ -150,7 +176,14 @@ SCENARIOS: dict[str, Callable[[Path], tuple[str, fa.JobView | None]]] = {
     "paused_resumed": paused_resumed,
     "budget_stopped": budget_stopped,
     "crashed_resumed": crashed_resumed,
+    "forked_parent": forked_parent,
+    "forked_child": forked_child,
+    "crashed_with_trajectories": crashed_with_trajectories,
 }
+BEFORE_TRAJECTORIES = ("completed", "cancelled", "failed", "paused_resumed", "budget_stopped",
+                       "crashed_resumed")
+"""Recorded before trajectories and forks existed: they pin that such logs still replay, so
+`--only` re-records the others without touching them."""
 
 
 # --- expectations ------------------------------------------------------------------------------
@@ -192,10 +225,14 @@ def to_v1(line: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
+    only = argv[argv.index("--only") + 1:] if "--only" in argv else None
+    argv = argv[:argv.index("--only")] if "--only" in argv else argv
     out = Path(argv[0]) if argv else ROOT / "tests" / "histories"
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name, scenario in SCENARIOS.items():
+            if only is not None and name not in only:
+                continue
             db = Path(tmp) / f"{name}.db"
             job_id, live = scenario(db)
             history = out / f"{name}.jsonl"
@@ -206,6 +243,8 @@ def main(argv: list[str]) -> int:
                                    f"{view_fields(live)}\n{expected['view']}")
             write_json(out / f"{name}.expected.json", expected)
             print(f"{name}: {count} events, {expected['view']['status']}")
+    if only is not None:
+        return 0
     lines = [json.loads(line) for line in (out / "completed.jsonl").read_text().splitlines()]
     v1 = out / "completed_v1.jsonl"
     v1.write_text("".join(json.dumps(to_v1(line), separators=(",", ":")) + "\n"

@@ -170,6 +170,21 @@ def history(rt: Runtime, p: HistoryParams) -> msgspec.Raw:
     return msgspec.Raw(b"[" + b",".join(lines) + b"]")
 
 
+class TrajectoriesParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`training.export_trajectories`: `Runtime.trajectories`'s filters."""
+
+    job_id: JobId
+    iteration: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    success: bool | None = None
+    min_reward: float | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=HISTORY_LIMIT)] = HISTORY_LIMIT
+
+
+def export_trajectories(rt: Runtime, p: TrajectoriesParams) -> Any:
+    return rt.trajectories(p.job_id, iteration=p.iteration, success=p.success,
+                           min_reward=p.min_reward, limit=p.limit)
+
+
 class Method(msgspec.Struct, frozen=True):
     params: type
     call: Callable[[Runtime, Any], Any]
@@ -185,6 +200,7 @@ METHODS: dict[str, Method] = {
     "training.cancel": Method(JobParams, lambda rt, p: rt.cancel(p.job_id), True),
     "training.history": Method(HistoryParams, history, True),
     "training.checkpoints": Method(JobParams, lambda rt, p: rt.checkpoints(p.job_id), False),
+    "training.export_trajectories": Method(TrajectoriesParams, export_trajectories, True),
 }
 _param_decoders = {name: msgspec.json.Decoder(m.params) for name, m in METHODS.items()}
 _request_decoder = msgspec.json.Decoder(Request)

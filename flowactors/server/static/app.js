@@ -61,7 +61,10 @@ async function refresh() {
       if (!state.jobs.has(view.job_id)) state.order.push(view.job_id);
       state.jobs.set(view.job_id, view);
     }
-    if (state.selected) await refreshCheckpoints(state.selected);
+    if (state.selected) {
+      await refreshCheckpoints(state.selected);
+      await refreshTrajectories(state.selected);
+    }
     showMessage("");
   } catch (err) {
     showMessage("Cannot reach the API: " + err.message);
@@ -80,6 +83,21 @@ async function refreshCheckpoints(jobId) {
   body.replaceChildren(...infos.map((c) => row([
     c.iteration, fixed(c.validation_score), fixed(c.metrics.avg_reward), fixed(c.metrics.loss),
     c.pruned ? "pruned" : (view && view.best_checkpoint === c.iteration ? "kept, best" : "kept"),
+  ])));
+}
+
+async function refreshTrajectories(jobId) {
+  const view = state.jobs.get(jobId);
+  const chosen = parseInt($("traj-iteration").value, 10);
+  const iteration = chosen > 0 ? chosen : (view ? view.progress.current_iteration : 0);
+  const body = $("trajectories").tBodies[0];
+  if (iteration < 1) { body.replaceChildren(); return; }
+  const params = {job_id: jobId, iteration: iteration, limit: 200};
+  if ($("traj-failed").checked) params.success = false;
+  const found = await rpc("training.export_trajectories", params);
+  body.replaceChildren(...found.map((t) => row([
+    t.iteration + (t.superseded ? " (superseded)" : ""), `${t.query_index}.${t.index}`, t.query,
+    fixed(t.reward), t.success ? "yes" : "no", t.steps, t.error || "",
   ])));
 }
 
@@ -357,6 +375,8 @@ function drawJob(jobId) {
     `success ${fixed(v.metrics.success_rate)}`, `held-out ${fixed(heldOut(jobId))}`,
     `cost $${fixed(v.cost.cost_usd, 4)}`, `best checkpoint ${v.best_checkpoint ?? "-"}`,
     `attempts ${v.attempts}`, ...(v.error ? [`error ${v.error.reason}: ${v.error.message}`] : []),
+    ...(v.forked_from ? [`forked from ${v.forked_from.parent_id} at ${v.forked_from.at_iteration}`] : []),
+    ...(v.forks.length ? ["forks " + v.forks.map((f) => `${f.child_id} (at ${f.at_iteration})`).join(", ")] : []),
   ].join(" · ") : "";
   const events = (state.series.get(jobId) || {timeline: []}).timeline.slice().reverse();
   $("timeline").tBodies[0].replaceChildren(...events.map((ev) => row([
@@ -378,6 +398,8 @@ function summary(ev) {
     case "job.failed": return `${d.reason}: ${d.error_type}: ${d.message}`;
     case "job.recovered": return `from checkpoint ${d.from_checkpoint ?? "none"} (attempt ${d.attempt})`;
     case "job.submitted": return `agent ${d.spec.agent_id}, task ${d.spec.task}`;
+    case "job.forked": return `from job ${d.parent_id} at checkpoint ${d.at_iteration}`;
+    case "job.fork_created": return `job ${d.child_id} forked at checkpoint ${d.at_iteration}`;
     default: return "";
   }
 }
@@ -407,6 +429,7 @@ function main() {
     $(command).addEventListener("click", () => control(command));
   }
   window.addEventListener("hashchange", () => { drawSoon(); refreshSoon(); });
+  for (const id of ["traj-iteration", "traj-failed"]) $(id).addEventListener("change", refreshSoon);
   refresh().then(stream);
 }
 
