@@ -182,9 +182,9 @@ class JobActor(pykka.ThreadingActor):
             self._finish()
             raise _Stopped() from exc
         self.state = fold(recorded, self.state)
-        self.host.publish(self.state, recorded)
         if releases:  # durable now: files no job needs any more can go
-            self.host.state_store.release(releases)
+            self.host.state_store.release(releases, self.state)
+        self.host.publish(self.state, recorded)
 
     def _decide_and_append(self, command: Command, blobs: Sequence[bytes] = ()) -> None:
         self._append(decide(command, self.state), blobs)

@@ -35,9 +35,10 @@ log = get_logger(__name__)
 __all__ = ["INLINE_MAX_BYTES", "StateStore", "StoredBlob", "open_state_store",
            "verify_files"]
 
-INLINE_MAX_BYTES = 256 << 10
-"""States up to this size stay in the log (see the README's Performance section: below it the
-file's own fsyncs cost more than the bytes they keep out of the log's transaction)."""
+INLINE_MAX_BYTES = 128 << 10
+"""States up to this size stay in the log: measured (`tools/bench_checkpoints.py`), a state in
+the log's transaction costs less than a file's own two fsyncs up to 64 KiB and more from
+256 KiB on; 128 KiB is between the two."""
 
 PUT_ATTEMPTS = 3
 PUT_BACKOFF_SECONDS = 0.2  # doubled after each failed attempt
@@ -129,13 +130,15 @@ class StateStore:
             pass
         return self.files.get(address)
 
-    def release(self, addresses: Iterable[Digest]) -> None:
+    def release(self, addresses: Iterable[Digest], releasing: JobState) -> None:
         """Delete the checkpoint files among `addresses` that no job needs, once the event
-        that let them go is durable (call it after the append, with the jobs' states folded)."""
+        that let them go is durable (call it after the append, with `releasing` the state of
+        the job that let them go, folded with it)."""
         wanted = list(addresses)
         if not wanted:
             return
-        live = live_states(self.jobs())
+        others = (s for s in self.jobs() if s.job_id != releasing.job_id)
+        live = live_states([releasing, *others])
         with self._lock:
             for address in wanted:
                 if address not in live and address not in self._pending \

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,6 +68,8 @@ class FileCheckpoints:
     def put(self, data: bytes | memoryview) -> str:
         """Store bytes durably under their address (hashed here, once); return it. A file
         already there with the same size is the same content: nothing is written again."""
+        if self.local and len(data) > _CHUNK // 16:
+            return self._write_local_hashing(memoryview(data))
         address = hashlib.sha256(data).hexdigest()
         if self.size(address) != len(data):
             if self.local:
@@ -151,9 +154,32 @@ class FileCheckpoints:
 
     # --- local files: durable before put returns ---
 
+    def _write_local_hashing(self, data: memoryview) -> str:
+        """Write a large state while another thread hashes it (hashlib releases the GIL):
+        the one hash pass overlaps the write instead of preceding it."""
+        digest: list[str] = []
+        hasher = threading.Thread(target=lambda: digest.append(hashlib.sha256(data).hexdigest()),
+                                  name="flowactors-hash", daemon=True)
+        hasher.start()
+        try:
+            temp = self._write_temp(f"state.{uuid.uuid4().hex}", data)
+        finally:
+            hasher.join()
+        address = digest[0]
+        if self.size(address) == len(data):  # stored already: the same bytes
+            os.unlink(temp)
+        else:
+            os.replace(temp, self._path(address))
+            self._sync_dir()
+        return address
+
     def _write_local(self, address: str, data: memoryview) -> None:
-        final = self._path(address)
-        temp = f"{self.root}/.{address}.{uuid.uuid4().hex[:8]}{_TEMP_SUFFIX}"
+        os.replace(self._write_temp(address, data), self._path(address))
+        self._sync_dir()
+
+    def _write_temp(self, name: str, data: memoryview) -> str:
+        """Write and fsync `data` to a temporary file; return its path."""
+        temp = f"{self.root}/.{name}.{uuid.uuid4().hex[:8]}{_TEMP_SUFFIX}"
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             with memoryview(data).cast("B") as view:
@@ -166,8 +192,7 @@ class FileCheckpoints:
             os.unlink(temp)
             raise
         os.close(fd)
-        os.replace(temp, final)
-        self._sync_dir()
+        return temp
 
     def _sync_dir(self) -> None:
         fd = os.open(self.root, os.O_RDONLY)
