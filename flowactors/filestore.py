@@ -41,7 +41,9 @@ class FileCheckpoints:
 
     Args:
         url: where the files go, e.g. "flow.db.checkpoints", "memory://ckpt", "s3://b/ckpt".
-        create: make a missing local directory (a reader, e.g. `flowactors verify`, does not).
+        create: make a missing local directory at the first write (a reader, e.g.
+            `flowactors verify`, never does): a log that never stored a large state stays
+            one file.
         storage_options: passed to the fsspec filesystem (credentials, endpoints).
     """
 
@@ -52,8 +54,7 @@ class FileCheckpoints:
         self.fs = fs
         self.local = isinstance(fs, LocalFileSystem)
         self.root = root.rstrip("/") or "/"
-        if self.local and create:
-            os.makedirs(self.root, exist_ok=True)
+        self.create = create
 
     def __repr__(self) -> str:
         return f"FileCheckpoints({self.url!r})"
@@ -180,6 +181,8 @@ class FileCheckpoints:
     def _write_temp(self, name: str, data: memoryview) -> str:
         """Write and fsync `data` to a temporary file; return its path."""
         temp = f"{self.root}/.{name}.{uuid.uuid4().hex[:8]}{_TEMP_SUFFIX}"
+        if self.create:
+            os.makedirs(self.root, exist_ok=True)
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             with memoryview(data).cast("B") as view:
