@@ -19,7 +19,8 @@ import msgspec
 import pykka
 
 from . import codec, trajectories
-from .errors import FlowError
+from .checkpointing import StateStore, StoredBlob
+from .errors import CheckpointUnstorable, FlowError
 from .events import Event, IterationCompleted, RecordedEvent
 from .faults import fault_point
 from .job import (
@@ -46,6 +47,7 @@ class JobHost(Protocol):
     """What a job actor needs from the runtime that hosts it."""
 
     store: Any
+    state_store: StateStore  # where trainer states go (the log, or checkpoint files)
     rollouts: RolloutBackend  # where the job's rollouts run
     closing: bool
     ready: threading.Event  # set once the runtime has started every recovered job
@@ -193,6 +195,8 @@ class JobActor(pykka.ThreadingActor):
             self._finish()
             raise _Stopped() from exc
         self.state = fold(recorded, self.state)
+        if releases:  # durable now: files no job needs any more can go
+            self.host.state_store.release(releases, self.state)
         self.host.publish(self.state, recorded)
 
     def _decide_and_append(self, command: Command, blobs: Sequence[bytes] = ()) -> None:
@@ -218,7 +222,7 @@ class JobActor(pykka.ThreadingActor):
         point = self.state.resume_point
         if point is None:
             return self.task.init(self.spec)
-        return state_decoder(self.task).decode(self.host.store.get_blob(point.state_ref))
+        return state_decoder(self.task).decode(self.host.state_store.get(point.state_ref))
 
     def _continue(self) -> None:
         if self.state.status.is_terminal:
@@ -264,12 +268,13 @@ class JobActor(pykka.ThreadingActor):
         try:
             blobs: list[bytes] = []
             saved = None
+            stored = None
             try:  # the task's own code: its exceptions fail the job, not the runtime
                 trainer, metrics = self.task.update(self.trainer, groups, self.spec.config)
                 if needs_saved_state(self.spec, iteration):
                     blob = codec.encode(trainer)
-                    saved = self._saved_state(trainer, blob)
-                    blobs.append(blob)
+                    stored = self._store(blob, blobs)
+                    saved = self._saved_state(trainer, stored)
             except Exception as exc:
                 self._fail_task(exc)
                 return False
@@ -279,17 +284,28 @@ class JobActor(pykka.ThreadingActor):
                     result, batch_for(self.spec, self.train, iteration), groups, blobs)
             events = decide(RecordIteration(result=result, saved=saved), self.state)
             releases = [r for e in events for r in getattr(e, "released", ())]
-            fault_point("actor.checkpoint" if saved else "actor.iteration")
-            self._append(events, blobs, releases)
+            fault_point("actor.checkpoint" if stored else "actor.iteration")
+            try:
+                self._append(events, blobs, releases)
+            finally:
+                if stored is not None:
+                    self.host.state_store.settled(stored)
             self.trainer = trainer
             return True
         except _Stopped:
             return False
 
-    def _saved_state(self, trainer: Any, blob: bytes) -> SavedState:
+    def _store(self, blob: bytes, blobs: list[bytes]) -> StoredBlob:
+        """Make a state durable before its event; one the log keeps goes into `blobs`."""
+        stored = self.host.state_store.store(blob)  # CheckpointUnstorable fails the job
+        if stored.location is None:
+            blobs.append(blob)
+        return stored
+
+    def _saved_state(self, trainer: Any, stored: StoredBlob) -> SavedState:
         score = float(self.task.evaluate(trainer, self.held_out))
         return SavedState(
-            state_ref=codec.digest(blob),
+            state_ref=stored.address, size=stored.size, location=stored.location,
             validation_score=score,
             policy_digest=codec.digest_of(getattr(trainer, "policy", trainer)),
             optimizer_digest=_digest_if_any(getattr(trainer, "optimizer", None)),
@@ -297,8 +313,11 @@ class JobActor(pykka.ThreadingActor):
         )
 
     def _fail_task(self, exc: Exception) -> None:
+        """The task raised, or its state could not be stored: decided once, recorded."""
         self.log.warning("task_failed", error_type=type(exc).__name__, error=str(exc))
-        self._decide_and_append(Fail(reason="task_error", error_type=type(exc).__name__,
+        reason = "checkpoint_unstorable" if isinstance(exc, CheckpointUnstorable) \
+            else "task_error"
+        self._decide_and_append(Fail(reason=reason, error_type=type(exc).__name__,
                                      message=str(exc)))
         self._finish()
 
@@ -316,7 +335,17 @@ class JobActor(pykka.ThreadingActor):
     def _pause(self) -> None:
         try:
             blob = codec.encode(self.trainer)
-            self._decide_and_append(Pause(state_ref=codec.digest(blob)), blobs=[blob])
+            blobs: list[bytes] = []
+            try:
+                stored = self._store(blob, blobs)
+            except CheckpointUnstorable as exc:
+                self._fail_task(exc)
+                return
+            try:
+                self._decide_and_append(Pause(state_ref=stored.address, state_size=stored.size,
+                                              state_location=stored.location), blobs=blobs)
+            finally:
+                self.host.state_store.settled(stored)
             self.log.info("job_paused", iteration=self.state.iteration)
             self._finish()
         except _Stopped:

@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import click
+import msgspec
 
 from . import job as core
 from . import remote
 from . import replay as rp
 from . import schemas as schema_files
 from .cli_lineage import fork, trajectories
+from .checkpointing import open_state_store, verify_files
 from .demo import demo
 from .console import (
     Failure,
@@ -104,6 +106,11 @@ def _db_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--db", type=click.Path(dir_okay=False, path_type=Path), default="flow.db",
         show_default=True, help="The flowactors log (a SQLite file).")(fn)
+
+
+def _files_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--checkpoint-store", "files", metavar="URL", help="Where the log's "
+                        "checkpoint files are [default: DB.checkpoints beside the log].")(fn)
 
 
 def _json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -288,10 +295,12 @@ def _check(report: rp.CheckReport, until: int | None, as_json: bool) -> None:
               help="A head hash printed by an earlier verify: the log must still contain it "
                    "(detects a cut-off tail or a rewritten chain).")
 @_db_option
+@_files_option
 @_json_option
-def verify(expect_head: str | None, db: Path, as_json: bool) -> None:
+def verify(expect_head: str | None, db: Path, files: str | None, as_json: bool) -> None:
     """Check the log: hash chain, contiguous positions and versions, every event decodes
-    against its schema version, blobs against their addresses, SQLite's integrity_check.
+    against its schema version, blobs against their addresses, SQLite's integrity_check,
+    and every checkpoint file a job needs (present, of its size, matching its address).
 
     Exits 0 only when all hold, else 1 naming the first bad position. Prints the head hash:
     keep it, and pass it to a later verify with --expect-head.
@@ -313,6 +322,10 @@ def verify(expect_head: str | None, db: Path, as_json: bool) -> None:
             result = rp.verify(store, expect_head, progress=progress.update)
         finally:
             progress.close()
+        if result.ok:
+            n_files, problem = verify_files(store, db, files)
+            result = msgspec.structs.replace(result, ok=problem is None, problem=problem,
+                                             blobs_checked=result.blobs_checked + n_files)
     if as_json:
         echo_json(result)
     else:
@@ -363,8 +376,10 @@ def export(job: str | None, from_position: int, db: Path) -> None:
 @click.option("--out", type=click.Path(dir_okay=False, writable=True, path_type=Path),
               help="The file --save writes (the state's MessagePack bytes, as stored).")
 @_db_option
+@_files_option
 @_json_option
-def checkpoints(job: str, save: int | None, out: Path | None, db: Path, as_json: bool) -> None:
+def checkpoints(job: str, save: int | None, out: Path | None, db: Path, files: str | None,
+                as_json: bool) -> None:
     """List JOB's checkpoints, best first; or save one's trainer state to a file.
 
     \b
@@ -386,7 +401,7 @@ def checkpoints(job: str, save: int | None, out: Path | None, db: Path, as_json:
             if info.pruned:
                 raise CheckpointNotFound(
                     f"checkpoint {save} of job {job!r} was pruned: its state is gone")
-            blob = store.get_blob(info.state_ref)
+            blob = open_state_store(store, db, files, create=False).get(info.state_ref)
             try:
                 out.write_bytes(blob)
             except OSError as exc:

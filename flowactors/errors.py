@@ -59,6 +59,10 @@ class BlobNotFound(FlowError, KeyError):
     """No blob with this digest is stored in the log (never stored, or released and deleted)."""
 
 
+class CheckpointUnstorable(FlowError):
+    """A trainer state could not be stored (the checkpoint store refused it, or is gone)."""
+
+
 class LogNotFound(FlowError, FileNotFoundError):
     """A read-only or requester open found no log at the path (only an owner creates one)."""
 

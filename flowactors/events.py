@@ -75,6 +75,8 @@ class CheckpointSaved(Event, tag="job.checkpoint_saved", kw_only=True):
     optimizer_digest: Digest | None
     rng_digest: Digest | None
     state_digest: Digest
+    state_size: int | None = None  # bytes of the state; None in logs written before 0.2
+    state_location: str | None = None  # the checkpoint store holding it; None: the log itself
 
 
 class CheckpointsPruned(Event, tag="job.checkpoints_pruned", kw_only=True):
@@ -97,6 +99,8 @@ class JobPaused(Event, tag="job.paused", kw_only=True):
 
     iteration: int
     state_ref: Digest | None = None
+    state_size: int | None = None
+    state_location: str | None = None  # the checkpoint store holding it; None: the log itself
 
 
 class JobResumed(Event, tag="job.resumed", kw_only=True):
@@ -119,9 +123,12 @@ class JobCompleted(Event, tag="job.completed", kw_only=True):
     final_state_digest: Digest
     validation_score: float
     state_digest: Digest
+    final_state_size: int | None = None
+    final_state_location: str | None = None  # the checkpoint store holding it; None: the log
 
 
-FailureReason = Literal["task_error", "budget_exhausted", "restarts_exhausted"]
+FailureReason = Literal[
+    "task_error", "budget_exhausted", "restarts_exhausted", "checkpoint_unstorable"]
 
 
 class JobFailed(Event, tag="job.failed", kw_only=True):

@@ -23,6 +23,7 @@ from .events import (
     CheckpointsPruned,
     Digest,
     Event,
+    FailureReason,
     IterationCompleted,
     JobCancelled,
     JobCompleted,
@@ -276,6 +277,8 @@ class Pause(msgspec.Struct, frozen=True, kw_only=True):
     """Pause; a running job's actor passes its trainer state so resuming repeats nothing."""
 
     state_ref: Digest | None = None
+    state_size: int | None = None
+    state_location: str | None = None
 
 
 class Resume(msgspec.Struct, frozen=True, kw_only=True):
@@ -294,6 +297,8 @@ class SavedState(msgspec.Struct, frozen=True, kw_only=True):
     policy_digest: Digest
     optimizer_digest: Digest | None
     rng_digest: Digest | None
+    size: int | None = None
+    location: str | None = None  # the checkpoint store holding it; None: the log itself
 
 
 class RecordIteration(msgspec.Struct, frozen=True, kw_only=True):
@@ -304,7 +309,7 @@ class RecordIteration(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Fail(msgspec.Struct, frozen=True, kw_only=True):
-    reason: Literal["task_error", "budget_exhausted", "restarts_exhausted"]
+    reason: FailureReason
     error_type: str
     message: str
 
@@ -342,8 +347,10 @@ def decide(command: Command, state: JobState) -> list[Event]:
         case Pause(state_ref=state_ref):
             _require(state, command, JobStatus.QUEUED, JobStatus.RUNNING)
             if state.status is JobStatus.QUEUED:
-                state_ref = None
-            return [JobPaused(iteration=state.iteration, state_ref=state_ref)]
+                return [JobPaused(iteration=state.iteration)]
+            return [JobPaused(iteration=state.iteration, state_ref=state_ref,
+                              state_size=command.state_size,
+                              state_location=command.state_location)]
         case Resume():
             _require(state, command, JobStatus.PAUSED)
             return [JobResumed()]
@@ -422,7 +429,7 @@ def _record_iteration(command: RecordIteration, state: JobState) -> list[Event]:
             iteration=result.iteration, state_ref=saved.state_ref,
             validation_score=saved.validation_score, metrics=metrics,
             policy_digest=saved.policy_digest, optimizer_digest=saved.optimizer_digest,
-            rng_digest=saved.rng_digest,
+            rng_digest=saved.rng_digest, state_size=saved.size, state_location=saved.location,
             state_digest=state_digest(_apply_pending(state, events))))
         pruned = _prune(_apply_pending(state, events), config.keep_checkpoints, saved)
         if pruned is not None:
@@ -432,7 +439,7 @@ def _record_iteration(command: RecordIteration, state: JobState) -> list[Event]:
         return _terminal(state, events, lambda d: JobCompleted(
             iteration=result.iteration, final_state_ref=saved.state_ref,
             final_state_digest=saved.state_ref, validation_score=saved.validation_score,
-            state_digest=d))
+            state_digest=d, final_state_size=saved.size, final_state_location=saved.location))
     if budget is not None and cost >= budget:
         return _terminal(state, events, lambda d: JobFailed(
             iteration=result.iteration, reason="budget_exhausted", error_type="BudgetExhausted",

@@ -23,11 +23,13 @@ import pykka
 
 from . import lineage
 from .actors import CancelRequest, JobActor, PauseRequest
+from .checkpointing import StateStore, open_state_store
 from .errors import (
     CheckpointNotFound,
     FlowError,
     InvalidTransition,
     JobNotFound,
+    LogCorrupted,
     SpecError,
     StoreUnavailable,
 )
@@ -77,6 +79,9 @@ class Runtime:
         synchronous: SQLite durability: "full" (default, survives power loss), "normal", "off".
         handle_signals: close cleanly on SIGINT/SIGTERM when created on the main thread and the
             default handlers are in place.
+        checkpoint_store: where states too large for the log go: None is a directory beside
+            the log (`<path>.checkpoints`); or a path, an fsspec URL (`"s3://bucket/ckpt"`),
+            or a `FileCheckpoints` you made.
 
     Raises:
         StoreLocked: another runtime owns this log. LogCorrupted: not a flowactors log.
@@ -84,12 +89,15 @@ class Runtime:
 
     def __init__(self, path: str | Path = "flow.db", *, max_concurrent_jobs: int = 100,
                  max_rollout_workers: int = 64, synchronous: str = "full",
-                 handle_signals: bool = True, rollouts: RolloutBackend | None = None) -> None:
+                 handle_signals: bool = True, rollouts: RolloutBackend | None = None,
+                 checkpoint_store: Any = None) -> None:
         if max_concurrent_jobs < 1 or max_rollout_workers < 1:
             raise ValueError("max_concurrent_jobs and max_rollout_workers must be >= 1")
         self.path = Path(path)
         self.max_concurrent_jobs = max_concurrent_jobs
         self.store = EventStore(self.path, mode="owner", synchronous=synchronous)
+        self.state_store: StateStore = open_state_store(
+            self.store, self.path, checkpoint_store, lambda: list(self._states.values()))
         self._owns_rollouts = rollouts is None
         self.rollouts = ThreadRollouts(max_rollout_workers) if rollouts is None else rollouts
         self.closing = False
@@ -285,7 +293,7 @@ class Runtime:
                         f"checkpoint {iteration} of job {job_id!r} was pruned")
                 assert state.spec is not None
                 task = build_task(state.spec)
-                return state_decoder(task).decode(self.store.get_blob(info.state_ref))
+                return state_decoder(task).decode(self.state_store.get(info.state_ref))
         raise CheckpointNotFound(f"job {job_id!r} has no checkpoint at iteration {iteration}")
 
     def trajectories(self, job_id: str, *, iteration: int | None = None,
@@ -347,6 +355,9 @@ class Runtime:
         """Replay the log; queue queued jobs; resume running ones from their last checkpoint."""
         states = self._states
         states.update(replay_log(self.store))
+        problems = self.state_store.open_check(states)
+        if problems:
+            raise LogCorrupted(f"{self.path}: {problems[0]}; run `flowactors verify`")
         for rank, (job_id, state) in enumerate(states.items()):
             self._views[job_id] = view(state)
             self._order[job_id] = rank  # in order of submission, below any position to come

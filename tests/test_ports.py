@@ -1,11 +1,13 @@
 """The contract of each port (`flowactors.ports`): every implementation must pass every test
-here. Each test runs against the SQLite log and the in-memory implementation."""
+here. Each test runs against the SQLite log and the in-memory implementation (and the
+checkpoint store's tests also against checkpoint files in a directory and under `memory://`)."""
 
 from __future__ import annotations
 
 import hashlib
 import sqlite3
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from flowactors.errors import (
     StoreUnavailable,
 )
 from flowactors.events import IterationCompleted, JobStarted, JobSubmitted
+from flowactors.filestore import FileCheckpoints
 from flowactors.memory import MemoryCheckpoints, MemoryEventLog, MemoryInbox
 from flowactors.ports import CheckpointStore, ControlInbox, EventLog
 from flowactors.spec import JobSpec, TrainingQuery
@@ -51,13 +54,19 @@ def inbox(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ControlInb
         yield store
 
 
-@pytest.fixture(params=IMPLEMENTATIONS)
+@pytest.fixture(params=[*IMPLEMENTATIONS, "files", "fsspec-memory"])
 def checkpoints(request: pytest.FixtureRequest, tmp_path: Path
                 ) -> Iterator[tuple[CheckpointStore, Callable[[str, bytes], None]]]:
     """A checkpoint store, and how to change the bytes stored at an address behind its back."""
     if request.param == "memory":
         store = MemoryCheckpoints()
         yield store, lambda address, data: store._data.__setitem__(address, data)
+        return
+    if request.param in ("files", "fsspec-memory"):
+        url = (str(tmp_path / "flow.db.checkpoints") if request.param == "files"
+               else f"memory://contract-{uuid.uuid4().hex}")
+        files = FileCheckpoints(url)
+        yield files, lambda address, data: files.fs.pipe_file(f"{files.root}/{address}", data)
         return
     path = tmp_path / "flow.db"
 

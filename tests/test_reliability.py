@@ -708,10 +708,10 @@ CONCURRENT_RECOVERY = textwrap.dedent("""
     for spec in specs:
         task = build_task(spec)
         blob = codec.encode(task.init(spec))
-        store = SimpleNamespace(get_blob=lambda digest, blob=blob: blob)
+        states = SimpleNamespace(get=lambda digest, blob=blob: blob)
         for _ in range(4):  # what the runtime does: one built task per actor
             actors.append(SimpleNamespace(
-                spec=spec, task=build_task(spec), host=SimpleNamespace(store=store),
+                spec=spec, task=build_task(spec), host=SimpleNamespace(state_store=states),
                 state=SimpleNamespace(resume_point=SimpleNamespace(
                     iteration=2, state_ref=codec.digest(blob)))))
     sys.setswitchinterval(1e-6)  # switch threads as often as possible: widens any race

@@ -299,6 +299,11 @@ class EventStore:
         """
         return self._reader.read_stream(stream, from_version)
 
+    def read_types(self, types: Sequence[str]) -> Iterator[RecordedEvent]:
+        """Every event of these types (tags), in position order: a scan of one column, for
+        the few kinds of event a check needs out of a long log."""
+        return self._reader.read_types(types)
+
     def stored_rows(self, from_position: int = 1, to_position: int | None = None,
                     stream: str | None = None) -> Iterator[tuple[Any, ...]]:
         """Rows exactly as stored, not decoded: (position, stream, version, type,

@@ -208,6 +208,14 @@ class Reader:
                 return
             start = end + 1
 
+    def read_types(self, types: Sequence[str]) -> Iterator[RecordedEvent]:
+        """See `EventStore.read_types`."""
+        marks = ", ".join("?" * len(types))
+        cursor = self.execute(f"SELECT {EVENT_COLUMNS} FROM events WHERE type IN ({marks}) "
+                              "ORDER BY position", tuple(types))
+        batches = iter(lambda: cursor.fetchmany(_FETCH_ROWS), [])
+        return itertools.chain.from_iterable(self.events(batches))
+
     def stream_version(self, stream: str) -> int:
         try:
             # Several snapshots; a version once present stays, so the answer is the head at

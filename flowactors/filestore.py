@@ -1,0 +1,215 @@
+"""Checkpoint files: a `CheckpointStore` of content-addressed files on any fsspec filesystem.
+
+A trainer state of hundreds of megabytes does not belong in the log's one writer transaction:
+it would stall every job's appends and hit SQLite's blob limit. Here each state is one file
+named by its address (hex SHA-256), in a directory beside the log by default or under any
+fsspec URL (`memory://`, `s3://...`). `put` returns only once the file is durable — on a local
+disk, written to a temporary name, fsynced, renamed, and the directory fsynced; elsewhere, the
+object store's own put — so the event naming it can be appended after it. Which files are still
+needed is the log's business (`flowactors.liveness`): this store keeps whatever it is given
+until told to delete it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from .errors import BlobNotFound, LogCorrupted
+
+__all__ = ["FileCheckpoints"]
+
+_TEMP_SUFFIX = ".partial"
+_CHUNK = 64 << 20  # a write or read call's size: big enough to stream, small enough to release
+
+
+def _is_address(name: str) -> bool:
+    return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
+
+
+class FileCheckpoints:
+    """Content-addressed files under `url` (a local directory, created if missing, or any
+    fsspec URL). Thread-safe: every call stands alone, and a file appears whole or not at all.
+
+    Args:
+        url: where the files go, e.g. "flow.db.checkpoints", "memory://ckpt", "s3://b/ckpt".
+        create: make a missing local directory at the first write (a reader, e.g.
+            `flowactors verify`, never does): a log that never stored a large state stays
+            one file.
+        storage_options: passed to the fsspec filesystem (credentials, endpoints).
+    """
+
+    def __init__(self, url: str | os.PathLike[str], *, create: bool = True,
+                 **storage_options: Any) -> None:
+        self.url = os.fspath(url)
+        fs, root = fsspec.core.url_to_fs(self.url, **storage_options)
+        self.fs = fs
+        self.local = isinstance(fs, LocalFileSystem)
+        self.root = root.rstrip("/") or "/"
+        self.create = create
+
+    def __repr__(self) -> str:
+        return f"FileCheckpoints({self.url!r})"
+
+    def _path(self, address: str) -> str:
+        if not _is_address(address):
+            raise BlobNotFound(f"{address!r} is not a checkpoint address (hex SHA-256)")
+        return f"{self.root}/{address}"
+
+    # --- the CheckpointStore port ---
+
+    def put(self, data: bytes | memoryview) -> str:
+        """Store bytes durably under their address (hashed here, once); return it. A file
+        already there with the same size is the same content: nothing is written again."""
+        if self.local and len(data) > _CHUNK // 16:
+            return self._write_local_hashing(memoryview(data))
+        address = hashlib.sha256(data).hexdigest()
+        if self.size(address) != len(data):
+            if self.local:
+                self._write_local(address, memoryview(data))
+            else:
+                self.fs.pipe_file(self._path(address), bytes(data))
+        return address
+
+    def get(self, address: str) -> bytes:
+        """The bytes at `address`, checked against it.
+
+        Raises:
+            BlobNotFound: no such file. LogCorrupted: its content does not hash to its name.
+        """
+        path = self._path(address)
+        try:
+            data = self._read_local(path) if self.local else self.fs.cat_file(path)
+        except FileNotFoundError:
+            raise BlobNotFound(f"no checkpoint file {address} in {self.url}") from None
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != address:
+            raise LogCorrupted(f"checkpoint file {address} in {self.url} does not match its "
+                               f"address (its content hashes to {actual})")
+        return data
+
+    def has(self, address: str) -> bool:
+        return self.size(address) is not None
+
+    def delete(self, address: str) -> bool:
+        """Remove the file (the caller decided nothing needs it); True once it is gone."""
+        try:
+            if self.local:
+                os.unlink(self._path(address))
+                self._sync_dir()
+            else:
+                self.fs.rm_file(self._path(address))
+        except FileNotFoundError:
+            pass
+        return True
+
+    # --- what the runtime's checks need ---
+
+    def size(self, address: str) -> int | None:
+        """The file's size in bytes, or None when there is none."""
+        path = self._path(address)
+        try:
+            return os.stat(path).st_size if self.local else int(self.fs.size(path))
+        except FileNotFoundError:
+            return None
+
+    def files(self) -> dict[str, int]:
+        """Every stored address with its size (one listing)."""
+        return {name: size for name, size in self._listing() if _is_address(name)}
+
+    def leftovers(self) -> list[str]:
+        """Temporary files of writes that never finished (a crash mid-put)."""
+        return [name for name, _ in self._listing() if name.endswith(_TEMP_SUFFIX)]
+
+    def remove_leftover(self, name: str) -> None:
+        try:
+            self.fs.rm_file(f"{self.root}/{name}")
+        except FileNotFoundError:
+            pass
+
+    def _listing(self) -> Iterator[tuple[str, int]]:
+        if self.local:
+            try:
+                with os.scandir(self.root) as entries:
+                    for entry in entries:
+                        if entry.is_file(follow_symlinks=False):
+                            yield entry.name, entry.stat().st_size
+            except FileNotFoundError:
+                pass
+            return
+        try:
+            found = self.fs.ls(self.root, detail=True)
+        except FileNotFoundError:
+            return
+        for info in found:
+            if info.get("type") == "file":
+                yield info["name"].rstrip("/").rsplit("/", 1)[-1], int(info.get("size") or 0)
+
+    # --- local files: durable before put returns ---
+
+    def _write_local_hashing(self, data: memoryview) -> str:
+        """Write a large state while another thread hashes it (hashlib releases the GIL):
+        the one hash pass overlaps the write instead of preceding it."""
+        digest: list[str] = []
+        hasher = threading.Thread(target=lambda: digest.append(hashlib.sha256(data).hexdigest()),
+                                  name="flowactors-hash", daemon=True)
+        hasher.start()
+        try:
+            temp = self._write_temp(f"state.{uuid.uuid4().hex}", data)
+        finally:
+            hasher.join()
+        address = digest[0]
+        if self.size(address) == len(data):  # stored already: the same bytes
+            os.unlink(temp)
+        else:
+            os.replace(temp, self._path(address))
+            self._sync_dir()
+        return address
+
+    def _write_local(self, address: str, data: memoryview) -> None:
+        os.replace(self._write_temp(address, data), self._path(address))
+        self._sync_dir()
+
+    def _write_temp(self, name: str, data: memoryview) -> str:
+        """Write and fsync `data` to a temporary file; return its path."""
+        temp = f"{self.root}/.{name}.{uuid.uuid4().hex[:8]}{_TEMP_SUFFIX}"
+        if self.create:
+            os.makedirs(self.root, exist_ok=True)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            with memoryview(data).cast("B") as view:
+                done = 0
+                while done < len(view):
+                    done += os.write(fd, view[done:done + _CHUNK])
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(temp)
+            raise
+        os.close(fd)
+        return temp
+
+    def _sync_dir(self) -> None:
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _read_local(path: str) -> bytes:
+        with open(path, "rb", buffering=0) as f:  # one read into a buffer of the file's size
+            return f.read()
+
+def default_location(log_path: str | os.PathLike[str]) -> str:
+    """The checkpoint directory of a log: beside it, named after it."""
+    path = Path(log_path)
+    return str(path.with_name(path.name + ".checkpoints"))

@@ -1,0 +1,264 @@
+"""Checkpoint files outside the log: where states go, which files live, what open, load and
+verify check, and a state that cannot be stored (`flowactors.checkpointing`)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+import fsspec
+import pytest
+from click.testing import CliRunner
+from helpers import TOOLS, QUERIES, open_runtime, wait_until
+
+import flowactors as fa
+from flowactors import checkpointing
+from flowactors.cli import main
+from flowactors.events import CheckpointSaved, JobCompleted
+from flowactors.filestore import FileCheckpoints
+from flowactors.liveness import live_states
+from flowactors.store import EventStore
+
+sys.path.insert(0, str(TOOLS))  # bulky_task: a task with a state of any size
+BIG = 300_000  # above the inline threshold
+assert BIG > checkpointing.INLINE_MAX_BYTES
+
+
+def bulky_spec(state_bytes: int = BIG, **config) -> fa.JobSpec:
+    defaults = dict(n_iterations=4, batch_size=2, n_trajectories_per_query=2,
+                    checkpoint_interval=1, seed=3)
+    return fa.JobSpec(agent_id="a", training_data=QUERIES, task="bulky_task:Bulky",
+                      task_options={"state_bytes": state_bytes},
+                      config=fa.GRPOConfig(**{**defaults, **config}))
+
+
+def saved(db: Path) -> list[CheckpointSaved]:
+    with EventStore(db, mode="readonly") as store:
+        return [r.event for r in store.read_all() if isinstance(r.event, CheckpointSaved)]
+
+
+def files_of(db: Path) -> set[str]:
+    return set(FileCheckpoints(str(db) + ".checkpoints", create=False).files())
+
+
+def test_large_states_go_to_files_beside_the_log_and_small_ones_stay_in_it(tmp_path):
+    """A state above the threshold is a content-addressed file beside the log, named with its
+    size and location by its event and absent from the log; a small one stays in the log;
+    both load back after a reopen."""
+    db = tmp_path / "flow.db"
+    with open_runtime(db) as rt:
+        big = rt.submit(bulky_spec(n_iterations=2))
+        small = rt.submit(bulky_spec(1000, n_iterations=2))
+        assert rt.wait(big, timeout=60).status is fa.JobStatus.COMPLETED
+        assert rt.wait(small, timeout=60).status is fa.JobStatus.COMPLETED
+    events = saved(db)
+    large = [e for e in events if e.state_size > BIG]
+    tiny = [e for e in events if e.state_size < 2000]
+    assert len(large) == 2 and len(tiny) == 2
+    location = str(db) + ".checkpoints"
+    assert all(e.state_location == location for e in large)
+    assert all(e.state_location is None for e in tiny)
+    assert {e.state_ref for e in large} <= files_of(db)
+    with EventStore(db, mode="readonly") as store:
+        assert not any(store.has_blob(e.state_ref) for e in large)
+        assert all(store.has_blob(e.state_ref) for e in tiny)
+    with open_runtime(db) as rt:
+        assert len(rt.load_checkpoint(big, 2).weights) == BIG
+        assert len(rt.load_checkpoint(small, 2).weights) == 1000
+
+
+def test_an_fsspec_url_holds_the_files(tmp_path):
+    """`checkpoint_store` may be any fsspec URL: with `memory://` the files are there, not
+    beside the log, and a reopen loads from them."""
+    url = f"memory://flowactors-{uuid.uuid4().hex}"
+    db = tmp_path / "flow.db"
+    with open_runtime(db, checkpoint_store=url) as rt:
+        job = rt.submit(bulky_spec(n_iterations=2))
+        assert rt.wait(job, timeout=60).status is fa.JobStatus.COMPLETED
+    refs = {e.state_ref for e in saved(db)}
+    assert {e.state_location for e in saved(db)} == {url}
+    fs = fsspec.filesystem("memory")
+    assert refs <= {p.rsplit("/", 1)[-1] for p in fs.ls(url[len("memory://"):], detail=False)}
+    assert not (tmp_path / "flow.db.checkpoints").exists() or not files_of(db)
+    with open_runtime(db, checkpoint_store=url) as rt:
+        assert rt.load_checkpoint(job, 2).weights
+
+
+def test_pruning_deletes_the_files_no_job_needs_and_keeps_a_file_another_job_names(tmp_path):
+    """Job B (run first) and job A train identical states; A keeps one checkpoint and prunes
+    the rest: the files of A's pruned checkpoints that B still names stay, the others go, and
+    what is left on disk is exactly what the jobs' folded states name."""
+    db = tmp_path / "flow.db"
+    with open_runtime(db) as rt:
+        b = rt.submit(bulky_spec(n_iterations=2, keep_checkpoints=5))
+        rt.wait(b, timeout=60)
+        a = rt.submit(bulky_spec(n_iterations=6, keep_checkpoints=1))
+        rt.wait(a, timeout=60)
+        states = {j: rt._states[j] for j in (a, b)}
+        pruned = {c.info.state_ref for c in states[a].checkpoints if c.info.pruned}
+        assert pruned, "job A must have pruned checkpoints"
+        needed_by_b = live_states([states[b]])
+        assert pruned & needed_by_b, "B must name a state A pruned"
+        on_disk = files_of(db)
+        assert on_disk == live_states(states.values())
+        assert needed_by_b <= on_disk
+        assert not (pruned - needed_by_b) & on_disk
+
+
+def test_orphans_and_unfinished_writes_are_swept_on_open(tmp_path):
+    """A file no event names (a crash between its write and its event) and a temporary file
+    of an unfinished write are deleted when the log opens; the files jobs need stay."""
+    db = tmp_path / "flow.db"
+    with open_runtime(db) as rt:
+        job = rt.submit(bulky_spec(n_iterations=2))
+        rt.wait(job, timeout=60)
+    needed = files_of(db)
+    directory = Path(str(db) + ".checkpoints")
+    orphan = FileCheckpoints(directory).put(os.urandom(BIG))
+    (directory / f".{orphan}.1234abcd.partial").write_bytes(b"half a state")
+    assert orphan in files_of(db)
+    with open_runtime(db):
+        pass
+    assert files_of(db) == needed
+    assert sorted(p.name for p in directory.iterdir()) == sorted(needed)
+
+
+def test_a_missing_or_resized_file_stops_open_naming_its_checkpoint(tmp_path):
+    """An open checks each needed file's presence and size (not its content): a missing file
+    and a truncated one are each a LogCorrupted naming the job and iteration."""
+    db = tmp_path / "flow.db"
+    with open_runtime(db) as rt:
+        job = rt.submit(bulky_spec(n_iterations=2))
+        rt.wait(job, timeout=60)
+    directory = Path(str(db) + ".checkpoints")
+    first = saved(db)[0].state_ref
+    backup = tmp_path / "backup"
+    shutil.copy(directory / first, backup)
+    (directory / first).unlink()
+    with pytest.raises(fa.LogCorrupted, match=f"iteration 1 of job '{job}'.*missing"):
+        open_runtime(db)
+    (directory / first).write_bytes(backup.read_bytes()[:-1])
+    with pytest.raises(fa.LogCorrupted, match=f"iteration 1 of job '{job}'.*bytes"):
+        open_runtime(db)
+
+
+def test_verify_and_load_catch_a_tampered_file_and_verify_a_missing_one(tmp_path):
+    """A file whose content changed (same size) opens (open checks no content) but fails its
+    load and `flowactors verify`, which names the checkpoint; a missing file fails verify too;
+    an intact log with files verifies."""
+    db = tmp_path / "flow.db"
+    with open_runtime(db) as rt:
+        job = rt.submit(bulky_spec(n_iterations=2))
+        rt.wait(job, timeout=60)
+    runner = CliRunner()
+    ok = runner.invoke(main, ["verify", "--db", str(db)])
+    assert ok.exit_code == 0, ok.output
+    directory = Path(str(db) + ".checkpoints")
+    first = saved(db)[0].state_ref
+    original = (directory / first).read_bytes()
+    (directory / first).write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    with open_runtime(db) as rt:
+        with pytest.raises(fa.LogCorrupted, match="does not match its address"):
+            rt.load_checkpoint(job, 1)
+    bad = runner.invoke(main, ["verify", "--db", str(db)])
+    assert bad.exit_code == 1
+    assert f"iteration 1 of job '{job}'" in bad.output and "does not match" in bad.output
+    (directory / first).unlink()
+    gone = runner.invoke(main, ["verify", "--db", str(db)])
+    assert gone.exit_code == 1 and "missing" in gone.output and "iteration 1" in gone.output
+
+
+class FullDisk(FileCheckpoints):
+    """A checkpoint store whose disk is full."""
+
+    puts = 0
+
+    def put(self, data):  # noqa: ANN001
+        FullDisk.puts += 1
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_state_that_cannot_be_stored_fails_the_job_once_not_at_every_reopen(
+        tmp_path, monkeypatch):
+    """A store that refuses every put (disk full) is tried a bounded number of times, then
+    the job is failed with reason `checkpoint_unstorable` and the error; a reopen neither
+    retrains nor retries it."""
+    monkeypatch.setattr(checkpointing, "PUT_BACKOFF_SECONDS", 0.0)
+    db = tmp_path / "flow.db"
+    FullDisk.puts = 0
+    with open_runtime(db, checkpoint_store=FullDisk(tmp_path / "full")) as rt:
+        job = rt.submit(bulky_spec(n_iterations=3))
+        view = rt.wait(job, timeout=60)
+    assert view.status is fa.JobStatus.FAILED
+    assert view.error.reason == "checkpoint_unstorable"
+    assert "No space left on device" in view.error.message
+    assert FullDisk.puts == checkpointing.PUT_ATTEMPTS
+    with EventStore(db, mode="readonly") as store:
+        version = store.stream_version(job)
+    with open_runtime(db, checkpoint_store=FullDisk(tmp_path / "full")) as rt:
+        assert rt.status(job).status is fa.JobStatus.FAILED
+    with EventStore(db, mode="readonly") as store:
+        assert store.stream_version(job) == version
+    assert FullDisk.puts == checkpointing.PUT_ATTEMPTS
+
+
+CHILD = textwrap.dedent("""
+    import sys
+    import flowactors as fa
+    sys.path.insert(0, sys.argv[2])
+    from test_checkpoint_files import bulky_spec
+    with fa.Runtime(sys.argv[1], synchronous="off", handle_signals=False) as rt:
+        rt.submit(bulky_spec(n_iterations=5, keep_checkpoints=2), job_id="job")
+        view = rt.wait("job", timeout=120)
+        print(view.status.value, flush=True)
+""")
+
+
+def run_child(db: Path, env: dict[str, str]) -> subprocess.Popen:
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, **env,
+           "PYTHONPATH": os.pathsep.join([str(tests), str(TOOLS),
+                                          os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-c", CHILD, str(db), str(tests)], env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+
+
+@pytest.mark.timeout(120)
+def test_sigkill_after_a_file_is_durable_before_its_event_resumes_bit_identically(tmp_path):
+    """SIGKILLed once a checkpoint's file is durable but before its event is appended, the
+    restarted runtime sweeps that orphan, resumes from the last recorded checkpoint, and ends
+    with the final state of an uninterrupted run; the log and its files verify."""
+    reference = tmp_path / "reference.db"
+    child = run_child(reference, {})
+    assert child.wait(timeout=60) == 0, child.stderr.read().decode()
+    with EventStore(reference, mode="readonly") as store:
+        want = [r.event.final_state_digest for r in store.read_all()
+                if isinstance(r.event, JobCompleted)]
+    db, fault_file = tmp_path / "flow.db", tmp_path / "faults"
+    fault_file.touch()
+    child = run_child(db, {"FLOWACTORS_FAULTS": "checkpoint.stored@3",
+                           "FLOWACTORS_FAULT_FILE": str(fault_file)})
+    wait_until(lambda: "checkpoint.stored" in fault_file.read_text()
+               or child.poll() is not None, timeout=60, message="the fault point")
+    assert child.poll() is None, child.stderr.read().decode()
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=10)
+    recorded = {e.state_ref for e in saved(db)}
+    orphans = files_of(db) - recorded
+    assert len(orphans) == 1, "the third checkpoint's file is durable, its event is not"
+    child = run_child(db, {})
+    assert child.wait(timeout=60) == 0, child.stderr.read().decode()
+    with EventStore(db, mode="readonly") as store:
+        got = [r.event.final_state_digest for r in store.read_all()
+               if isinstance(r.event, JobCompleted)]
+    assert got == want
+    result = CliRunner().invoke(main, ["verify", "--db", str(db)])
+    assert result.exit_code == 0, result.output

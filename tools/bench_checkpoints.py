@@ -1,0 +1,202 @@
+"""Checkpoint store benchmark: every figure next to its baseline, measured in the same run.
+
+    python tools/bench_checkpoints.py [--quick] [--dir DIR]
+
+- threshold: appending an event with a state in the log vs storing it as a file first and
+  appending the event without it, for small sizes (where the inline threshold comes from);
+- save: time until durable of a 1 MB, 64 MB, 512 MB state through the checkpoint store vs plain
+  `write` + `fsync` of the same bytes, vs the log's blob path (what every state took before),
+  and vs `torch.save` + `fsync` when torch is installed;
+- load: the checkpoint store's checked read vs a plain read of the file;
+- peak RSS of a process saving a 512 MB state, against the state's size;
+- reopen: a runtime opening a log with 20 checkpoint files of 64 MB vs the same log shape with
+  small states.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from flowactors import GRPOConfig, JobSpec, Runtime, TrainingQuery  # noqa: E402
+from flowactors.checkpointing import INLINE_MAX_BYTES, StateStore  # noqa: E402
+from flowactors.events import JobStarted  # noqa: E402
+from flowactors.filestore import FileCheckpoints  # noqa: E402
+from flowactors.store import EventStore  # noqa: E402
+
+MB = 1 << 20
+
+
+def best(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def plain_write(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += os.write(fd, view[done:done + (64 << 20)])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fresh(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for p in directory.iterdir():
+        p.unlink()
+    return directory
+
+
+def bench_threshold(root: Path, repeat: int) -> None:
+    print("threshold: event + state in the log vs file first, then the event (full fsync)")
+    with EventStore(root / "threshold.db", synchronous="full") as log:
+        files = FileCheckpoints(root / "threshold.files")
+        version = [0]
+
+        def in_log(data: bytes) -> None:
+            log.append("t", [JobStarted()], version[0], blobs=[data])
+            version[0] += 1
+
+        def as_file(data: bytes) -> None:
+            files.put(data)
+            log.append("t", [JobStarted()], version[0])
+            version[0] += 1
+
+        for size in (16 << 10, 64 << 10, 128 << 10, 256 << 10, 1 * MB, 4 * MB):
+            samples = [os.urandom(size) for _ in range(repeat)]
+            it = iter(samples)
+            t_log = best(lambda: in_log(next(it)), repeat)
+            it = iter(samples[::-1])
+            t_file = best(lambda: as_file(next(it)), repeat)
+            print(f"  {size >> 10:>6} KiB: in log {t_log * 1e3:7.2f} ms   file + event "
+                  f"{t_file * 1e3:7.2f} ms   (file/log {t_file / t_log:4.2f}x)")
+
+
+def bench_save_load(root: Path, sizes: list[int], repeat: int) -> None:
+    print("save until durable (MB/s; best of %d)" % repeat)
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        torch = None
+    for size in sizes:
+        data = os.urandom(size)
+        store = StateStore(EventStore(root / f"save{size}.db", synchronous="full"),
+                           FileCheckpoints(fresh(root / f"save{size}.files")))
+        plain = root / "plain.bin"
+        t_plain = best(lambda: plain_write(plain, data), repeat)
+
+        def save() -> None:
+            fresh(root / f"save{size}.files")
+            store.store(data)
+        t_store = best(save, repeat)
+        version = [0]
+
+        def in_log() -> None:
+            store.log.append("s", [JobStarted()], version[0], blobs=[data])
+            version[0] += 1
+        t_log = best(in_log, 1) if size <= 512 * MB else float("nan")
+        line = (f"  {size // MB:>4} MB: store {size / MB / t_store:7.1f}   plain write+fsync "
+                f"{size / MB / t_plain:7.1f} ({t_plain / t_store:4.0%} of it)   "
+                f"log blob (before) {size / MB / t_log:7.1f}")
+        if torch is not None:
+            tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+            def torch_save() -> None:
+                with open(root / "torch.pt", "wb") as f:
+                    torch.save(tensor, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+            t_torch = best(torch_save, repeat)
+            line += f"   torch.save+fsync {size / MB / t_torch:7.1f}"
+        else:
+            line += "   torch.save: torch not installed"
+        print(line)
+        address = store.store(data).address
+        t_get = best(lambda: store.get(address), repeat)
+        t_read = best(lambda: (root / f"save{size}.files" / address).read_bytes(), repeat)
+        print(f"           load {size / MB / t_get:7.1f} MB/s   plain read "
+              f"{size / MB / t_read:7.1f} MB/s ({t_read / t_get:4.0%} of it)")
+        store.log.close()
+        del data
+
+
+RSS_CHILD = """
+import os, sys, resource
+sys.path.insert(0, sys.argv[3])
+from flowactors.checkpointing import StateStore
+from flowactors.filestore import FileCheckpoints
+from flowactors.store import EventStore
+data = bytes(int(sys.argv[2]))  # zeros: no generator buffer in the peak
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+StateStore(EventStore(sys.argv[1] + ".db"), FileCheckpoints(sys.argv[1])).store(data)
+print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def bench_rss(root: Path, size: int) -> None:
+    out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(root / "rss"), str(size),
+                          str(Path(__file__).resolve().parents[1])],
+                         capture_output=True, text=True, check=True).stdout.split()
+    before, peak = (int(x) * 1024 for x in out)
+    print(f"peak RSS saving {size // MB} MB: {peak / MB:.0f} MB (state {size / MB:.0f} MB; "
+          f"{before / MB:.0f} MB before the save; goal <= 2x state + 300 MB = "
+          f"{(2 * size) / MB + 300:.0f} MB)")
+
+
+def bench_reopen(root: Path, state_bytes: int, repeat: int) -> None:
+    queries = [TrainingQuery(query=f"q{i}") for i in range(4)]
+
+    def spec(n: int) -> JobSpec:
+        return JobSpec(agent_id="a", training_data=queries, task="bulky_task:Bulky",
+                       task_options={"state_bytes": n},
+                       config=GRPOConfig(n_iterations=20, checkpoint_interval=1,
+                                         keep_checkpoints=20, batch_size=2,
+                                         n_trajectories_per_query=1))
+
+    times = {}
+    for name, n in (("with files", state_bytes), ("small states", 1000)):
+        db = root / f"reopen-{name.replace(' ', '-')}.db"
+        with Runtime(db, synchronous="off", handle_signals=False) as rt:
+            rt.wait(rt.submit(spec(n)), timeout=600)
+
+        def reopen() -> None:
+            Runtime(db, synchronous="off", handle_signals=False).close()
+        times[name] = best(reopen, repeat)
+    print(f"reopen, 20 checkpoints of {state_bytes // MB} MB as files: "
+          f"{times['with files'] * 1e3:.0f} ms   without (small states in the log): "
+          f"{times['small states'] * 1e3:.0f} ms   (+{(times['with files'] - times['small states']) * 1e3:.0f} ms)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
+    parser.add_argument("--dir", type=Path, default=None, help="where to write (a disk)")
+    args = parser.parse_args()
+    repeat = 2 if args.quick else 3
+    sizes = [1 * MB, 16 * MB] if args.quick else [1 * MB, 64 * MB, 512 * MB]
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        root = Path(tmp)
+        print(f"inline threshold: {INLINE_MAX_BYTES >> 10} KiB")
+        bench_threshold(root, 5 if args.quick else 10)
+        bench_save_load(root, sizes, repeat)
+        bench_rss(root, 64 * MB if args.quick else 512 * MB)
+        bench_reopen(root, 4 * MB if args.quick else 64 * MB, repeat)
+
+
+if __name__ == "__main__":
+    main()
