@@ -10,6 +10,7 @@ from .errors import (
     LogCorrupted,
     LogNotFound,
     SpecError,
+    StateNotStorable,
     StoreLocked,
     StoreUnavailable,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "RolloutBackend",
     "Runtime",
     "SpecError",
+    "StateNotStorable",
     "StoreLocked",
     "StoreUnavailable",
     "Task",

@@ -36,7 +36,7 @@ from .job import (
 )
 from .logs import get_logger
 from .rollouts import RolloutBackend, RolloutHandle, run_inline
-from .tasks import Task, Trajectory, state_decoder
+from .tasks import Task, Trajectory, restore, snapshot, state_decoder
 from .training import batch_for, split_data
 
 log = get_logger(__name__)
@@ -204,8 +204,11 @@ class JobActor(pykka.ThreadingActor):
     def _load_trainer(self) -> Any:
         point = self.state.resume_point
         if point is None:
-            return self.task.init(self.spec)
-        return state_decoder(self.task).decode(self.host.store.get_blob(point.state_ref))
+            trainer = self.task.init(self.spec)
+            codec.encode(snapshot(self.task, trainer))  # unstorable: fail now, not at a checkpoint
+            return trainer
+        return restore(self.task, state_decoder(self.task).decode(
+            self.host.store.get_blob(point.state_ref)))
 
     def _continue(self) -> None:
         if self.state.status.is_terminal:
@@ -254,8 +257,9 @@ class JobActor(pykka.ThreadingActor):
             try:  # the task's own code: its exceptions fail the job, not the runtime
                 trainer, metrics = self.task.update(self.trainer, groups, self.spec.config)
                 if needs_saved_state(self.spec, iteration):
-                    blob = codec.encode(trainer)
-                    saved = self._saved_state(trainer, blob)
+                    stored = snapshot(self.task, trainer)
+                    blob = codec.encode(stored)
+                    saved = self._saved_state(trainer, stored, blob)
                     blobs.append(blob)
             except Exception as exc:
                 self._fail_task(exc)
@@ -270,14 +274,14 @@ class JobActor(pykka.ThreadingActor):
         except _Stopped:
             return False
 
-    def _saved_state(self, trainer: Any, blob: bytes) -> SavedState:
+    def _saved_state(self, trainer: Any, stored: Any, blob: bytes) -> SavedState:
         score = float(self.task.evaluate(trainer, self.held_out))
         return SavedState(
             state_ref=codec.digest(blob),
             validation_score=score,
-            policy_digest=codec.digest_of(getattr(trainer, "policy", trainer)),
-            optimizer_digest=codec.digest_of(getattr(trainer, "optimizer", None)),
-            rng_digest=codec.digest_of(getattr(trainer, "rng", None)),
+            policy_digest=codec.digest_of(getattr(stored, "policy", stored)),
+            optimizer_digest=codec.digest_of(getattr(stored, "optimizer", None)),
+            rng_digest=codec.digest_of(getattr(stored, "rng", None)),
         )
 
     def _fail_task(self, exc: Exception) -> None:
@@ -299,7 +303,7 @@ class JobActor(pykka.ThreadingActor):
 
     def _pause(self) -> None:
         try:
-            blob = codec.encode(self.trainer)
+            blob = codec.encode(snapshot(self.task, self.trainer))
             self._decide_and_append(Pause(state_ref=codec.digest(blob)), blobs=[blob])
             self.log.info("job_paused", iteration=self.state.iteration)
             self._finish()
