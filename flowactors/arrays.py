@@ -31,7 +31,7 @@ _NUMPY, _TORCH, _NUMPY_SCALAR = 1, 2, 3  # extension codes: what an array is res
 _plain = msgspec.msgpack.Encoder()
 
 
-def _array_kind(obj: Any) -> int | None:
+def array_kind(obj: Any) -> int | None:
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(obj, torch.Tensor):
         return _TORCH
@@ -44,7 +44,7 @@ def _array_kind(obj: Any) -> int | None:
     return None
 
 
-def _children(value: Any) -> Iterator[tuple[str, Any]]:
+def children(value: Any) -> Iterator[tuple[str, Any]]:
     """The named parts of a container value (Struct fields, dict items, list elements)."""
     if isinstance(value, msgspec.Struct):
         for name in value.__struct_fields__:
@@ -64,21 +64,21 @@ def _array_names(value: Any) -> dict[int, str]:
     seen: set[int] = set()
     while stack:
         path, item = stack.pop()
-        if _array_kind(item) is not None:
+        if array_kind(item) is not None:
             names.setdefault(id(item), path or "value")
         elif id(item) not in seen:
             seen.add(id(item))
             stack.extend((f"{path}.{k}" if path else k, v) for k, v in reversed(list(
-                _children(item))))
+                children(item))))
     return names
 
 
 def unencodable_path(value: Any) -> str | None:
     """The place (`$.policy.layers[0]`) of the first part of `value` that cannot be stored."""
     def walk(path: str, item: Any) -> str | None:
-        if _array_kind(item) is not None:
+        if array_kind(item) is not None:
             return None
-        parts = list(_children(item))
+        parts = list(children(item))
         if not parts:
             try:
                 _plain.encode(item)
@@ -105,7 +105,7 @@ def encode(value: Any) -> bytes:
 
     def hook(obj: Any) -> Any:
         nonlocal names
-        kind = _array_kind(obj)
+        kind = array_kind(obj)
         if kind is None:
             raise TypeError(f"objects of type {type(obj).__qualname__} cannot be stored")
         if names is None:
@@ -212,7 +212,7 @@ class StateDecoder:
 
 
 def _keep_arrays(type_: Any, obj: Any) -> Any:
-    if _array_kind(obj) is not None:
+    if array_kind(obj) is not None:
         return obj
     raise msgspec.ValidationError(f"expected {type_}, got {type(obj).__qualname__}")
 

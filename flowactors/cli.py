@@ -40,6 +40,7 @@ from .errors import CheckpointNotFound, FlowError
 from .history import export_lines, history_line
 from .logs import log_to_stderr
 from .report import report
+from .cli_resume import check_resume_command
 
 __all__ = ["main"]
 
@@ -507,6 +508,7 @@ def serve(db: Path, host: str, port: int, allow_remote: bool) -> None:
 
 main.add_command(demo)
 main.add_command(report)
+main.add_command(check_resume_command)
 
 
 if __name__ == "__main__":
