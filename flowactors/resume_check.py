@@ -1,10 +1,11 @@
 """Prove that a task resumes exactly: one run uninterrupted, one SIGKILLed N times, compared.
 
 Both runs train the same spec in child processes (`python -m flowactors.resume_check DB SPEC`),
-each on its own log. The second child is killed with SIGKILL N times, each time after a
-random later iteration and a random moment into what follows (rollouts, the update, a
-checkpoint's write), and started again (so a kill may also land in the recovery); then it runs
-to the end. The two final trained states (the
+each on its own log. The second child is SIGKILLed N times, each time at a
+moment drawn at random: one of the runtime's fault points (an iteration computed but not yet
+appended, a checkpoint's state encoded but not yet stored, a group commit about to be written or
+written but not acknowledged, the recovery of the previous kill) on a random occurrence; the
+child freezes there and is killed, then started again. Then it runs to the end. The two final trained states (the
 blobs the completion events name) must be the same bytes. When they are not, the report names
 the first differing part of the state (`$.optimizer.state.0.exp_avg`, `$.rng`, ...) and the first
 iteration whose recorded results (reward, loss, metrics) differ between the runs: where they
@@ -21,13 +22,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
 from . import arrays, codec
-from .events import IterationCompleted, JobCompleted
+from .errors import FlowError
+from .events import CheckpointSaved, IterationCompleted, JobCompleted
 from .job import fold
 from .spec import GRPOConfig, JobSpec, TrainingQuery
 from .store import EventStore
@@ -36,8 +37,15 @@ from .tasks import build_task, state_decoder
 __all__ = ["ResumeReport", "check_resume", "default_spec", "first_difference"]
 
 JOB_ID = "resume-check"
-_READY = b"ready\n"
-_POLL_SECONDS = 0.01
+_POLL_SECONDS = 0.005
+_KILL_POINTS = (
+    "actor.iteration",  # an iteration computed, not yet appended
+    "actor.checkpoint",  # a checkpoint's state encoded, not yet stored
+    "store.commit",  # a group commit about to be written
+    "store.committed",  # written, not yet acknowledged
+    "store.commit_with_blobs",  # a checkpoint's commit, inside its transaction
+    "runtime.recover",  # recovering from the previous kill
+)
 
 
 class ResumeReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -54,7 +62,8 @@ class ResumeReport(msgspec.Struct, frozen=True, kw_only=True):
     first_difference: str | None = None
     """The first part of the state that differs (`$.policy.embed`), None when equal."""
     parted_at_iteration: int | None = None
-    """The first iteration whose recorded results differ between the runs, None if none."""
+    """The first iteration whose recorded results (reward, loss, metrics) or stored state
+    differ between the runs, None if none."""
 
     def __str__(self) -> str:
         if self.ok:
@@ -99,76 +108,89 @@ def check_resume(spec: JobSpec, kills: int = 3, *, seed: int = 0,
     spec_file = work / "spec.json"
     spec_file.write_bytes(msgspec.json.encode(spec))
     straight, resumed = work / "uninterrupted.db", work / "killed.db"
-    duration = _run_child(straight, spec_file, timeout) or 0.01
-    n = spec.config.n_iterations
-    per_iteration = duration / n
+    _run_child(straight, spec_file, timeout)
+    n, interval = spec.config.n_iterations, spec.config.checkpoint_interval
     rng = random.Random(seed)
-    landed = 0
-    while landed < kills and (done := _progress(resumed)) < n - 1:
-        # After a random later iteration, a random moment into the next one (its rollouts, its
-        # update, a checkpoint being written), or into the recovery when the wait is short.
-        after, moment = rng.randint(done + 1, n - 1), rng.uniform(0.0, per_iteration)
-        if _run_child(resumed, spec_file, timeout,
-                      kill_at=lambda: _progress(resumed) >= after, moment=moment) is None:
-            landed += 1
+    landed = attempts = 0
+    while landed < kills and attempts < 4 * kills + 4 and (done := _progress(resumed)) < n:
+        attempts += 1
+        point, most = rng.choice(_kill_points(done, n, interval, resumed.exists()))
+        nth = rng.randint(1, most)
+        if _run_child(resumed, spec_file, timeout, kill=f"{point}@{nth}") is None \
+                and _progress(resumed) < n:
+            landed += 1  # a kill after the job completed (while closing) proves nothing
     _run_child(resumed, spec_file, timeout)
     return compare(spec, straight, resumed, landed)
 
 
 def _run_child(db: Path, spec_file: Path, timeout: float, *,
-               kill_at: Callable[[], bool] | None = None, moment: float = 0.0) -> float | None:
-    """Run the child on `db`; with `kill_at`, SIGKILL it `moment` seconds after that condition
-    (polled on the log) first holds.
-
-    Returns None when a kill landed, else the seconds from the log's opening to the end.
+               kill: str | None = None) -> bool | None:
+    """Run the child on `db`; with `kill` ("point@nth", a fault point of the runtime), SIGKILL
+    it once it stands there. Returns None when it was killed, True when it trained to the end.
     """
-    child = subprocess.Popen([sys.executable, "-m", "flowactors.resume_check", str(db),
-                              str(spec_file)], stdin=subprocess.DEVNULL,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    try:
-        assert child.stdout is not None
-        ready = child.stdout.readline() == _READY
-        opened = time.monotonic()
-        if ready and kill_at is not None:
-            while child.poll() is None and not kill_at():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    with tempfile.TemporaryDirectory(prefix="flowactors-kill-") as tmp:
+        if kill is not None:
+            announce = Path(tmp) / "faults"
+            announce.touch()
+            env.update(FLOWACTORS_FAULTS=kill, FLOWACTORS_FAULT_FILE=str(announce))
+        child = subprocess.Popen([sys.executable, "-m", "flowactors.resume_check", str(db),
+                                  str(spec_file)], stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        try:
+            deadline = time.monotonic() + timeout
+            while kill is not None and child.poll() is None and time.monotonic() < deadline:
+                if announce.stat().st_size:  # frozen at the point: kill it there
+                    child.send_signal(signal.SIGKILL)
+                    child.wait()
+                    return None
                 time.sleep(_POLL_SECONDS)
-            try:
-                child.wait(timeout=moment)
-            except subprocess.TimeoutExpired:
-                child.send_signal(signal.SIGKILL)
-                child.wait(timeout=timeout)
-                return None
-        _, err = child.communicate(timeout=timeout)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+            _, err = child.communicate(timeout=max(0.0, deadline - time.monotonic()))
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
     if child.returncode != 0:
         raise RuntimeError(f"the run on {db} failed (exit {child.returncode}): "
                            f"{err.decode(errors='replace')[-2000:]}")
-    return max(0.01, time.monotonic() - opened)
+    return True
+
+
+def _kill_points(done: int, n: int, interval: int, recovering: bool) -> list[tuple[str, int]]:
+    """The points a run from iteration `done` will reach, each with how often it will."""
+    saves = sum(1 for i in range(done + 1, n + 1) if i % interval == 0 or i == n)
+    reached = {"actor.iteration": n - done - saves, "actor.checkpoint": saves,
+               "store.commit": n - done - saves, "store.committed": n - done - saves,
+               "store.commit_with_blobs": saves,
+               "runtime.recover": int(recovering and done > 0)}
+    return [(point, reached[point]) for point in _KILL_POINTS if reached[point] > 0]
 
 
 def _progress(db: Path) -> int:
     """The job's completed iterations as its log says now (0 before it exists)."""
-    if not db.exists():
+    try:
+        with EventStore(db, mode="readonly") as store:
+            events = list(store.read_stream(JOB_ID))
+    except FlowError:  # not there yet, or its first transaction is still being written
         return 0
-    with EventStore(db, mode="readonly") as store:
-        events = list(store.read_stream(JOB_ID))
     return fold(events).iteration if events else 0
 
 
-def _final(db: Path) -> tuple[bytes, dict[int, IterationCompleted]]:
-    """The final state's bytes and the last recorded result of each iteration."""
-    results: dict[int, IterationCompleted] = {}
+def _final(db: Path) -> tuple[bytes, dict[int, bytes]]:
+    """The final state's bytes, and what each iteration recorded last (its results, and the
+    digest of the state it stored, if it stored one)."""
+    results: dict[int, bytes] = {}
     final: bytes | None = None
     with EventStore(db, mode="readonly") as store:
         for recorded in store.read_stream(JOB_ID):
             event = recorded.event
-            if isinstance(event, IterationCompleted):
-                results[event.iteration] = event  # a re-run after a recovery replaces it
+            if isinstance(event, IterationCompleted):  # a re-run after a recovery replaces it
+                results[event.iteration] = codec.encode((
+                    event.avg_reward, event.loss, event.std_reward, event.metrics))
+            elif isinstance(event, CheckpointSaved):
+                results[event.iteration] += event.state_ref.encode()
             elif isinstance(event, JobCompleted) and event.final_state_ref is not None:
+                results[event.iteration] += event.final_state_ref.encode()
                 final = store.get_blob(event.final_state_ref)
     if final is None:
         raise RuntimeError(f"the job in {db} did not complete")
@@ -184,17 +206,10 @@ def compare(spec: JobSpec, straight: Path, resumed: Path, kills: int) -> ResumeR
     if a == b:
         return report
     decoder = state_decoder(build_task(spec))
-    parted = next((i for i in sorted(results_a) if _result(results_a[i])
-                   != _result(results_b.get(i))), None)
+    parted = next((i for i in sorted(results_a) if results_a[i] != results_b.get(i)), None)
     return msgspec.structs.replace(
         report, first_difference=first_difference(decoder.decode(a), decoder.decode(b)) or "$",
         parted_at_iteration=parted)
-
-
-def _result(event: IterationCompleted | None) -> bytes:
-    if event is None:
-        return b""
-    return codec.encode((event.avg_reward, event.loss, event.std_reward, event.metrics))
 
 
 def first_difference(a: Any, b: Any, path: str = "$") -> str | None:
@@ -222,8 +237,6 @@ def _child(db: str, spec_file: str) -> None:
 
     spec = msgspec.json.decode(Path(spec_file).read_bytes(), type=JobSpec)
     with Runtime(db, handle_signals=False) as rt:
-        sys.stdout.buffer.write(_READY)
-        sys.stdout.flush()
         rt.submit(spec, job_id=JOB_ID)  # idempotent: a resumed log has it already
         view = rt.wait(JOB_ID, timeout=None)
     if view.status != "completed":
@@ -231,4 +244,4 @@ def _child(db: str, spec_file: str) -> None:
 
 
 if __name__ == "__main__":
-    _child(*sys.argv[1:3])
+    _child(*sys.argv[1:])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 from typing import Any, ClassVar
 
 import msgspec
@@ -38,7 +37,6 @@ class GlobalRNGTask:
 
     def update(self, state: Weights, groups: list[list[Trajectory]],
                config: Any) -> tuple[Weights, dict[str, float]]:
-        time.sleep(0.05)  # an update that takes a moment, as real ones do
         noise = random.gauss(0.0, 1.0)  # the global RNG: not in the state
         return Weights(policy=[state.policy[0] + 0.01 * noise, state.policy[1] + 1.0]), {}
 
