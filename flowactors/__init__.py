@@ -10,6 +10,7 @@ from .errors import (
     LogCorrupted,
     LogNotFound,
     SpecError,
+    StateNotStorable,
     StoreLocked,
     StoreUnavailable,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "RolloutBackend",
     "Runtime",
     "SpecError",
+    "StateNotStorable",
     "StoreLocked",
     "StoreUnavailable",
     "Task",

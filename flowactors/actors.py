@@ -37,7 +37,7 @@ from .job import (
 )
 from .logs import get_logger
 from .rollouts import RolloutBackend, RolloutHandle, run_inline
-from .tasks import Task, Trajectory, state_decoder
+from .tasks import Task, Trajectory, restore, snapshot, state_decoder
 from .training import batch_for, split_data
 
 log = get_logger(__name__)
@@ -221,8 +221,11 @@ class JobActor(pykka.ThreadingActor):
     def _load_trainer(self) -> Any:
         point = self.state.resume_point
         if point is None:
-            return self.task.init(self.spec)
-        return state_decoder(self.task).decode(self.host.state_store.get(point.state_ref))
+            trainer = self.task.init(self.spec)
+            codec.encode(snapshot(self.task, trainer))  # unstorable: fail now, not at a checkpoint
+            return trainer
+        return restore(self.task, state_decoder(self.task).decode(
+            self.host.state_store.get(point.state_ref)))
 
     def _continue(self) -> None:
         if self.state.status.is_terminal:
@@ -272,9 +275,10 @@ class JobActor(pykka.ThreadingActor):
             try:  # the task's own code: its exceptions fail the job, not the runtime
                 trainer, metrics = self.task.update(self.trainer, groups, self.spec.config)
                 if needs_saved_state(self.spec, iteration):
-                    blob = codec.encode(trainer)
+                    snap = snapshot(self.task, trainer)
+                    blob = codec.encode(snap)
                     stored = self._store(blob, blobs)
-                    saved = self._saved_state(trainer, stored)
+                    saved = self._saved_state(trainer, snap, stored)
             except Exception as exc:
                 self._fail_task(exc)
                 return False
@@ -302,14 +306,14 @@ class JobActor(pykka.ThreadingActor):
             blobs.append(blob)
         return stored
 
-    def _saved_state(self, trainer: Any, stored: StoredBlob) -> SavedState:
+    def _saved_state(self, trainer: Any, snap: Any, stored: StoredBlob) -> SavedState:
         score = float(self.task.evaluate(trainer, self.held_out))
         return SavedState(
             state_ref=stored.address, size=stored.size, location=stored.location,
             validation_score=score,
-            policy_digest=codec.digest_of(getattr(trainer, "policy", trainer)),
-            optimizer_digest=_digest_if_any(getattr(trainer, "optimizer", None)),
-            rng_digest=_digest_if_any(getattr(trainer, "rng", None)),
+            policy_digest=codec.digest_of(getattr(snap, "policy", snap)),
+            optimizer_digest=_digest_if_any(getattr(snap, "optimizer", None)),
+            rng_digest=_digest_if_any(getattr(snap, "rng", None)),
         )
 
     def _fail_task(self, exc: Exception) -> None:
@@ -334,7 +338,7 @@ class JobActor(pykka.ThreadingActor):
 
     def _pause(self) -> None:
         try:
-            blob = codec.encode(self.trainer)
+            blob = codec.encode(snapshot(self.task, self.trainer))
             blobs: list[bytes] = []
             try:
                 stored = self._store(blob, blobs)

@@ -47,6 +47,7 @@ from .history import export_lines, history_line
 from .logs import log_to_stderr
 from .report import report
 from .store import owner_of
+from .cli_resume import check_resume_command
 
 __all__ = ["main"]
 
@@ -533,6 +534,7 @@ main.add_command(demo)
 main.add_command(report)
 main.add_command(trajectories)
 main.add_command(fork)
+main.add_command(check_resume_command)
 
 
 if __name__ == "__main__":

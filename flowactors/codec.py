@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 
+from . import arrays
 from .errors import LogCorrupted
 from .events import EVENT_TYPES, CheckpointSaved, Event, IterationCompleted, JobEvent, event_tag
 
@@ -168,8 +169,13 @@ def stored_data(data: bytes) -> Any:
 
 
 def encode(value: Any) -> bytes:
-    """MessagePack of any msgspec-encodable value (trainer states, checkpoints)."""
-    return _encoder.encode(value)
+    """The stored bytes of a trainer state: MessagePack, or safetensors when it holds arrays
+    (`flowactors.arrays`).
+
+    Raises:
+        StateNotStorable: a part of the state cannot be stored (the message names where).
+    """
+    return arrays.encode(value)
 
 
 def digest(data: bytes) -> str:
@@ -178,5 +184,5 @@ def digest(data: bytes) -> str:
 
 
 def digest_of(value: Any) -> str:
-    """The digest of a value's canonical MessagePack encoding."""
-    return digest(_encoder.encode(value))
+    """The digest of a value's stored encoding (`encode`): arrays count bit for bit."""
+    return digest(arrays.encode(value))

@@ -43,6 +43,8 @@ __all__ = ["BASELINE_MAX", "DEFAULT_ITERATIONS", "DEFAULT_JOBS", "LEARNED_MIN", 
 DEFAULT_JOBS = 4
 DEFAULT_ITERATIONS = 60
 LEARNING_RATES = (0.05, 0.01)
+TORCH_TASK = "toolchoice-torch"
+TORCH_LEARNING_RATES = (0.005, 0.003)  # Adam on a network: slower, so learning is visible
 N_QUERIES = 200  # 160-169 distinct; 20% held out: 32-33 queries the policy never trains on
 BATCH_SIZE = 32
 TRAJECTORIES_PER_QUERY = 8
@@ -59,8 +61,8 @@ REFRESH_SECONDS = 0.125  # 8 Hz
 # --- what the demo trains -----------------------------------------------------------------------
 
 
-def demo_specs(n_jobs: int = DEFAULT_JOBS,
-               n_iterations: int = DEFAULT_ITERATIONS) -> dict[str, JobSpec]:
+def demo_specs(n_jobs: int = DEFAULT_JOBS, n_iterations: int = DEFAULT_ITERATIONS,
+               task: str = "toolchoice") -> dict[str, JobSpec]:
     """The demo's jobs by id: seed i, learning rates alternating, everything else equal.
 
     Fixed ids and deterministic specs make a second submission idempotent, and two runs of
@@ -74,10 +76,11 @@ def demo_specs(n_jobs: int = DEFAULT_JOBS,
             config=GRPOConfig(
                 n_iterations=n_iterations, batch_size=BATCH_SIZE,
                 n_trajectories_per_query=TRAJECTORIES_PER_QUERY,
-                learning_rate=LEARNING_RATES[seed % len(LEARNING_RATES)],
+                learning_rate=(TORCH_LEARNING_RATES if task == TORCH_TASK
+                               else LEARNING_RATES)[seed % len(LEARNING_RATES)],
                 checkpoint_interval=CHECKPOINT_INTERVAL, max_steps_per_trajectory=MAX_STEPS,
                 seed=seed),
-            task="toolchoice")
+            task=task)
         for seed in range(n_jobs)
     }
 
@@ -134,7 +137,7 @@ def _read_demo_jobs(path: Path) -> tuple[LogKind, dict[str, JobState]]:
             stream = recorded.stream
             if stream not in states:
                 if not (stream.startswith(JOB_PREFIX) and isinstance(recorded.event, JobSubmitted)
-                        and recorded.event.spec.task == "toolchoice"):
+                        and recorded.event.spec.task in ("toolchoice", TORCH_TASK)):
                     other = True
                     continue
                 states[stream] = initial_state(stream)
@@ -147,7 +150,7 @@ def _read_demo_jobs(path: Path) -> tuple[LogKind, dict[str, JobState]]:
 
 
 def plan_run(db: Path, *, fresh: bool = False, n_jobs: int = DEFAULT_JOBS,
-             n_iterations: int = DEFAULT_ITERATIONS) -> RunPlan:
+             n_iterations: int = DEFAULT_ITERATIONS, task: str = "toolchoice") -> RunPlan:
     """Decide, from the logs alone, where this run goes and whether it resumes.
 
     The latest of `db`, `db-2`, `db-3`, … that exists is resumed when it holds an unfinished
@@ -160,7 +163,7 @@ def plan_run(db: Path, *, fresh: bool = False, n_jobs: int = DEFAULT_JOBS,
     """
     chain = _chain(db)
     latest, following = chain[-1], _numbered(db, len(chain) + 1)
-    specs = demo_specs(n_jobs, n_iterations)
+    specs = demo_specs(n_jobs, n_iterations, task)
     if fresh:
         if not db.exists():
             return RunPlan(path=db, base=db, resume=False, specs=specs, states={},
@@ -182,7 +185,8 @@ def plan_run(db: Path, *, fresh: bool = False, n_jobs: int = DEFAULT_JOBS,
         first = next(iter(recorded.values()))
         intended = re.search(r"-of-(\d+)$", first.agent_id)
         if intended:
-            same_run = demo_specs(int(intended.group(1)), first.config.n_iterations)
+            same_run = demo_specs(int(intended.group(1)), first.config.n_iterations,
+                                  first.task)
             if all(same_run.get(j) == spec for j, spec in recorded.items()):
                 recorded = {**same_run, **recorded}
         return RunPlan(path=latest, base=db, resume=True, specs=recorded, states=states,
@@ -367,9 +371,11 @@ def _program() -> str:
 @click.option("--plain", is_flag=True,
               help="Plain lines (one per checkpoint) instead of the live display; the default "
                    "when standard output is not a terminal.")
+@click.option("--torch", "use_torch", is_flag=True,
+              help=f"Train a PyTorch policy ({TORCH_TASK}; needs flowactors[torch]).")
 @click.pass_context
 def demo(ctx: click.Context, db: Path, fresh: bool, n_jobs: int, n_iterations: int,
-         plain: bool) -> None:
+         plain: bool, use_torch: bool) -> None:
     """Train several real jobs concurrently, with live progress; Ctrl-C and run again to resume.
 
     Each job learns, by GRPO, which tool (calculator, lookup, converter, text) answers a typed
@@ -384,11 +390,13 @@ def demo(ctx: click.Context, db: Path, fresh: bool, n_jobs: int, n_iterations: i
     Example:
         flowactors demo
         flowactors demo --jobs 2 --iterations 20 --db quick.db
+        flowactors demo --torch --db torch.db
     """
     out = sys.stdout
     with stderr_logs():
         try:
-            plan = plan_run(db, fresh=fresh, n_jobs=n_jobs, n_iterations=n_iterations)
+            plan = plan_run(db, fresh=fresh, n_jobs=n_jobs, n_iterations=n_iterations,
+                            task=TORCH_TASK if use_torch else "toolchoice")
         except FlowError as exc:
             raise Failure(f"{exc} (pass --db to use another file)") from None
         code = _run(plan, out, live=not plain and out.isatty())

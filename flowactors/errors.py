@@ -69,3 +69,7 @@ class LogNotFound(FlowError, FileNotFoundError):
 
 class InvalidRequest(FlowError, ValueError):
     """A control request that cannot be made (unknown command, a job id the log cannot store)."""
+
+
+class StateNotStorable(FlowError, TypeError):
+    """A trainer state holds a value that cannot be stored; the message names where."""

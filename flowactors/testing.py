@@ -34,10 +34,13 @@ from .events import Event, RecordedEvent, event_tag
 from .job import Command, JobState, decide, fold, initial_state
 from .history import HistoryLine, export_lines
 from .replay import CheckReport, check, open_log
+from .resume_check import ResumeReport, check_resume
 from .store import write_history
 
 __all__ = [
     "HistoryLine",
+    "ResumeReport",
+    "check_resume",
     "check_history",
     "flow_runtime",
     "given",

@@ -31,9 +31,10 @@ def run(args: list[str], cwd: Path) -> str:
 
 def test_the_readme_has_the_blocks_these_tests_run():
     blocks = readme_blocks()
-    assert len(blocks) == 4, [b.splitlines()[0] for b in blocks]
+    assert len(blocks) == 5, [b.splitlines()[0] for b in blocks]
     assert "fa.Runtime(\"flow.db\"" in blocks[0] and "class CoinTask" in blocks[1]
-    assert "coin:CoinTask" in blocks[2] and "def test_my_task" in blocks[3]
+    assert "coin:CoinTask" in blocks[2] and "class TorchCoinTask" in blocks[3]
+    assert "def test_my_task" in blocks[4]
 
 
 def test_the_api_example_prints_what_its_comment_says(tmp_path):
@@ -59,8 +60,24 @@ def test_the_task_example_trains_as_the_readme_says(tmp_path):
     assert claimed is not None and claimed.group(1) in out, out[-2000:]
 
 
+def test_the_pytorch_task_example_learns_and_resumes_exactly(tmp_path):
+    """The live-trainer example trains as the coin task does (to 1.0), and check-resume finds
+    its resumed runs bit-identical."""
+    pytest.importorskip("torch")
+    blocks = readme_blocks()
+    (tmp_path / "coin_torch.py").write_text(blocks[3])
+    train = blocks[2].replace("coin:CoinTask", "coin_torch:TorchCoinTask").replace(
+        "learning_rate=0.5", "learning_rate=0.1").replace("coin.db", "coin_torch.db")
+    assert "coin_torch:TorchCoinTask" in train and "learning_rate=0.1" in train
+    (tmp_path / "train.py").write_text(
+        "import flowactors as fa\nfrom flowactors.testing import check_resume\n" + train
+        + "\nprint(check_resume(spec, kills=2))\n")
+    out = run(["train.py"], tmp_path)
+    assert "JobStatus.COMPLETED 1.0" in out and "\nresumes exactly: 2 SIGKILL(s)" in out, out
+
+
 def test_the_testing_example_passes(tmp_path):
-    (tmp_path / "test_example.py").write_text(readme_blocks()[3])
+    (tmp_path / "test_example.py").write_text(readme_blocks()[4])
     out = run(["-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)], REPO)
     assert "3 passed" in out, out[-2000:]
 

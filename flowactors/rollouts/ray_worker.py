@@ -20,7 +20,14 @@ import msgspec
 from .. import codec
 from ..errors import one_line
 from ..spec import JobSpec, TrainingQuery
-from ..tasks import Task, Trajectory, build_task, failed_trajectory, state_decoder
+from ..tasks import (
+    Task,
+    Trajectory,
+    build_task,
+    failed_trajectory,
+    restore,
+    state_decoder,
+)
 from ..training import rollout_rng
 from .base import checked, is_async_task
 
@@ -90,7 +97,7 @@ def _state(key: str, task: Task, data: bytes) -> Any:
         if key in _states:
             _states.move_to_end(key)
             return _states[key]
-    state = state_decoder(task).decode(data)
+    state = restore(task, state_decoder(task).decode(data))
     with _lock:
         _states[key] = state
         while len(_states) > _CACHE_SIZE:

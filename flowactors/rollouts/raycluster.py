@@ -31,7 +31,7 @@ import msgspec
 from .. import codec
 from ..logs import get_logger
 from ..spec import JobSpec, TrainingQuery
-from ..tasks import Task, Trajectory, failed_trajectory
+from ..tasks import Task, Trajectory, failed_trajectory, snapshot
 from .base import Deadlines, OnComplete, Resolve, RolloutBatch, RolloutHandle
 from .ray_worker import rollout_on_worker, spec_bytes
 
@@ -110,7 +110,7 @@ class RayRollouts:
 
     def start(self, *, task: Task, state: Any, spec: JobSpec, iteration: int,
               queries: list[TrainingQuery], on_complete: OnComplete) -> RolloutHandle:
-        batch = _Batch(self, spec, state, iteration, queries)
+        batch = _Batch(self, spec, snapshot(task, state), iteration, queries)
         return RolloutBatch(launcher=batch, deadlines=self.deadlines, spec=spec,
                             n_queries=len(queries), on_complete=on_complete).start()
 

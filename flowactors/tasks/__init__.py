@@ -12,19 +12,30 @@ from typing import Any
 
 import msgspec
 
+from ..arrays import StateDecoder
 from ..errors import SpecError, one_line
 from ..spec import JobSpec
-from .base import NoOptions, Task, TrainerState, Trajectory, failed_trajectory, group_advantages
+from .base import (
+    NoOptions,
+    Task,
+    TrainerState,
+    Trajectory,
+    failed_trajectory,
+    group_advantages,
+    restore,
+    snapshot,
+)
 
 BUILTIN_TASKS = {
     "simulated": "flowactors.tasks.simulated:SimulatedTask",
     "toolchoice": "flowactors.tasks.toolchoice:ToolChoiceTask",
+    "toolchoice-torch": "flowactors.tasks.toolchoice_torch:TorchToolChoiceTask",  # [torch]
 }
 ENTRY_POINT_GROUP = "flowactors.tasks"
 
 __all__ = ["BUILTIN_TASKS", "NoOptions", "Task", "TrainerState", "Trajectory",
            "failed_trajectory", "group_advantages", "load_task_class", "build_task",
-           "reward_scale", "state_decoder"]
+           "restore", "reward_scale", "snapshot", "state_decoder"]
 
 
 def _import(target: str, name: str) -> Any:
@@ -99,11 +110,12 @@ def build_task(spec: JobSpec) -> Task:
     return task
 
 
-_STATE_DECODERS: dict[type, msgspec.msgpack.Decoder] = {}
+_STATE_DECODERS: dict[type, StateDecoder] = {}
 
 
-def state_decoder(task: Task) -> msgspec.msgpack.Decoder:
-    """The decoder of a task's trainer state (checkpoints), built once per task class.
+def state_decoder(task: Task) -> StateDecoder:
+    """The decoder of a task's trainer state (checkpoints, arrays included), built once per
+    task class.
 
     `build_task` builds it: msgspec prepares a type's decoding information on first use, and
     doing that from many threads at once (a thousand actors recovering together) is not safe.
@@ -111,6 +123,5 @@ def state_decoder(task: Task) -> msgspec.msgpack.Decoder:
     cls = type(task)
     decoder = _STATE_DECODERS.get(cls)
     if decoder is None:
-        decoder = _STATE_DECODERS[cls] = msgspec.msgpack.Decoder(
-            getattr(task, "state_type", Any))
+        decoder = _STATE_DECODERS[cls] = StateDecoder(getattr(task, "state_type", Any))
     return decoder

@@ -65,6 +65,20 @@ class Task(Protocol):
     def evaluate(self, state: Any, queries: list[TrainingQuery]) -> float: ...
 
 
+def snapshot(task: Task, trainer: Any) -> Any:
+    """What a checkpoint stores of `trainer`: `task.snapshot(trainer)` for a task that keeps
+    live objects between iterations, the trainer itself for a state-in, state-out task."""
+    take = getattr(task, "snapshot", None)
+    return trainer if take is None else take(trainer)
+
+
+def restore(task: Task, state: Any) -> Any:
+    """The trainer to continue from a stored state: `task.restore(state)` for a task with live
+    objects, the state itself otherwise."""
+    rebuild = getattr(task, "restore", None)
+    return state if rebuild is None else rebuild(state)
+
+
 def failed_trajectory(error: str) -> Trajectory:
     """A rollout that raised or timed out: it scores nothing and teaches nothing."""
     return Trajectory(reward=0.0, failed=True, error=error)
