@@ -141,7 +141,7 @@ sys.path.insert(0, sys.argv[3])
 from flowactors.checkpointing import StateStore
 from flowactors.filestore import FileCheckpoints
 from flowactors.store import EventStore
-data = bytes(int(sys.argv[2]))  # zeros: no generator buffer in the peak
+data = os.urandom(1 << 20) * (int(sys.argv[2]) >> 20)  # touched pages, no big temporary
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 StateStore(EventStore(sys.argv[1] + ".db"), FileCheckpoints(sys.argv[1])).store(data)
 print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
