@@ -32,6 +32,7 @@ import random
 import re
 import threading
 import zlib
+from collections.abc import Callable
 from typing import Annotated, Any, ClassVar
 
 import msgspec
@@ -42,7 +43,8 @@ from .base import Trajectory, group_advantages
 
 __all__ = ["ACTIONS", "ANSWER", "CONTEXTS", "NO_RESULT", "RESULT", "START", "TOOLS", "AdamState",
            "ToolChoiceOptions", "ToolChoicePolicy", "ToolChoiceState", "ToolChoiceTask",
-           "answer_matches", "make_training_data", "query_features", "run_tool"]
+           "answer_matches", "make_training_data", "play_episode", "query_features", "run_tool",
+           "sample_action"]
 
 TOOLS = ("calculator", "lookup", "converter", "text")
 ANSWER = len(TOOLS)
@@ -257,7 +259,54 @@ def _greedy(probabilities: list[float]) -> int:
     return max(range(len(probabilities)), key=lambda a: (probabilities[a], -a))
 
 
-def _sample(probabilities: list[float], rng: random.Random) -> int:
+def play_episode(query: TrainingQuery, features: list[int],
+                 probabilities_in: Callable[[int], list[float]], *, tokens_per_step: int,
+                 usd_per_1k_tokens: float, rng: random.Random, max_steps: int,
+                 cancelled: threading.Event) -> Trajectory:
+    """One episode of the environment, whatever the policy: `probabilities_in(context)` gives
+    the action probabilities in a context; rewards as in the module docstring.
+
+    `data` keeps what an update needs (features, contexts, actions, step rewards) as plain
+    builtins.
+
+    Raises:
+        InterruptedError: `cancelled` was set before a step.
+    """
+    expected_tool = _expected_tool(query)
+    context, observation, last_tool = START, None, None
+    contexts: list[int] = []
+    actions: list[int] = []
+    rewards: list[float] = []
+    bonus_paid = success = False
+    for _ in range(max_steps):
+        if cancelled.is_set():
+            raise InterruptedError("rollout cancelled")
+        action = sample_action(probabilities_in(context), rng)
+        contexts.append(context)
+        actions.append(action)
+        reward = -STEP_PENALTY
+        if action == ANSWER:
+            success = answer_matches(observation, query.expected_outcome, last_tool)
+            rewards.append(reward + (OUTCOME_REWARD if success else 0.0))
+            break
+        tool = TOOLS[action]
+        if tool == expected_tool and not bonus_paid:
+            reward += CORRECT_TOOL_BONUS
+            bonus_paid = True
+        observation, last_tool = run_tool(tool, query.query), tool
+        context = RESULT if observation is not None else NO_RESULT
+        rewards.append(reward)
+    steps = len(actions)
+    tokens = steps * tokens_per_step
+    return Trajectory(
+        reward=sum(rewards), success=success, steps=steps, tokens=tokens,
+        cost_usd=tokens / 1000.0 * usd_per_1k_tokens,
+        data={"features": features, "contexts": contexts, "actions": actions,
+              "rewards": rewards})
+
+
+def sample_action(probabilities: list[float], rng: random.Random) -> int:
+    """An action drawn from `probabilities` with one draw of `rng`."""
     u = rng.random()
     cumulative = 0.0
     for action, p in enumerate(probabilities):
@@ -379,38 +428,12 @@ class ToolChoiceTask:
         """
         policy = state.policy
         features = query_features(query.query, policy.buckets)
-        expected_tool = _expected_tool(query)
-        context, observation, last_tool = START, None, None
-        contexts: list[int] = []
-        actions: list[int] = []
-        rewards: list[float] = []
-        bonus_paid = success = False
-        for _ in range(max_steps):
-            if cancelled.is_set():
-                raise InterruptedError("rollout cancelled")
-            action = _sample(_probabilities(policy, context, features,
-                                            self.options.temperature), rng)
-            contexts.append(context)
-            actions.append(action)
-            reward = -STEP_PENALTY
-            if action == ANSWER:
-                success = answer_matches(observation, query.expected_outcome, last_tool)
-                rewards.append(reward + (OUTCOME_REWARD if success else 0.0))
-                break
-            tool = TOOLS[action]
-            if tool == expected_tool and not bonus_paid:
-                reward += CORRECT_TOOL_BONUS
-                bonus_paid = True
-            observation, last_tool = run_tool(tool, query.query), tool
-            context = RESULT if observation is not None else NO_RESULT
-            rewards.append(reward)
-        steps = len(actions)
-        tokens = steps * self.options.tokens_per_step
-        return Trajectory(
-            reward=sum(rewards), success=success, steps=steps, tokens=tokens,
-            cost_usd=tokens / 1000.0 * self.options.usd_per_1k_tokens,
-            data={"features": features, "contexts": contexts, "actions": actions,
-                  "rewards": rewards})
+        return play_episode(
+            query, features,
+            lambda context: _probabilities(policy, context, features, self.options.temperature),
+            tokens_per_step=self.options.tokens_per_step,
+            usd_per_1k_tokens=self.options.usd_per_1k_tokens,
+            rng=rng, max_steps=max_steps, cancelled=cancelled)
 
     def update(self, state: ToolChoiceState, groups: list[list[Trajectory]],
                config: GRPOConfig) -> tuple[ToolChoiceState, dict[str, float]]:

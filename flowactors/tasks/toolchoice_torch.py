@@ -35,14 +35,12 @@ from .toolchoice import (
     ACTIONS,
     ANSWER,
     CONTEXTS,
-    CORRECT_TOOL_BONUS,
     NO_RESULT,
-    OUTCOME_REWARD,
     RESULT,
     START,
-    STEP_PENALTY,
     TOOLS,
     answer_matches,
+    play_episode,
     query_features,
     run_tool,
 )
@@ -179,36 +177,11 @@ class TorchToolChoiceTask:
         """Sample actions until `answer` or `max_steps`, rewards as in `toolchoice`."""
         features = query_features(query.query, self.options.feature_buckets)
         probabilities = self._action_probabilities(trainer, features, self.options.temperature)
-        expected = query.expected_outcome.get("tool")
-        context, observation, last_tool = START, None, None
-        contexts: list[int] = []
-        actions: list[int] = []
-        rewards: list[float] = []
-        bonus_paid = success = False
-        for _ in range(max_steps):
-            if cancelled.is_set():
-                raise InterruptedError("rollout cancelled")
-            action = _sample(probabilities[context], rng)
-            contexts.append(context)
-            actions.append(action)
-            reward = -STEP_PENALTY
-            if action == ANSWER:
-                success = answer_matches(observation, query.expected_outcome, last_tool)
-                rewards.append(reward + (OUTCOME_REWARD if success else 0.0))
-                break
-            tool = TOOLS[action]
-            if tool == expected and not bonus_paid:
-                reward += CORRECT_TOOL_BONUS
-                bonus_paid = True
-            observation, last_tool = run_tool(tool, query.query), tool
-            context = RESULT if observation is not None else NO_RESULT
-            rewards.append(reward)
-        tokens = len(actions) * self.options.tokens_per_step
-        return Trajectory(
-            reward=sum(rewards), success=success, steps=len(actions), tokens=tokens,
-            cost_usd=tokens / 1000.0 * self.options.usd_per_1k_tokens,
-            data={"features": features, "contexts": contexts, "actions": actions,
-                  "rewards": rewards})
+        return play_episode(
+            query, features, probabilities.__getitem__,
+            tokens_per_step=self.options.tokens_per_step,
+            usd_per_1k_tokens=self.options.usd_per_1k_tokens,
+            rng=rng, max_steps=max_steps, cancelled=cancelled)
 
     def update(self, trainer: TorchTrainer, groups: list[list[Trajectory]],
                config: GRPOConfig) -> tuple[TorchTrainer, dict[str, float]]:
@@ -272,13 +245,3 @@ class TorchToolChoiceTask:
                 observation = run_tool(last_tool, query.query)
                 context = RESULT if observation is not None else NO_RESULT
         return successes / len(queries)
-
-
-def _sample(probabilities: list[float], rng: random.Random) -> int:
-    u = rng.random()
-    cumulative = 0.0
-    for action, p in enumerate(probabilities):
-        cumulative += p
-        if u < cumulative:
-            return action
-    return len(probabilities) - 1
