@@ -279,20 +279,23 @@ def _evolved_one_by_one(events: list[RecordedEvent]) -> dict[str, JobState]:
     return states
 
 
-def _log(picks: list[tuple[int, int]]) -> list[RecordedEvent]:
-    """Events of the recorded histories, dealt to three jobs in the order picked."""
+def _recorded(log: list[tuple[str, Any]]) -> list[RecordedEvent]:
+    """(job, event) pairs as a log records them: positions in order, each job's versions."""
     versions: dict[str, int] = {}
-    log = []
-    for position, (job, index) in enumerate(picks, start=1):
-        stream = f"job-{job}"
-        event = _HISTORY_EVENTS[index]
+    recorded = []
+    for position, (stream, event) in enumerate(log, start=1):
         versions[stream] = versions.get(stream, 0) + 1
-        log.append(RecordedEvent(
+        recorded.append(RecordedEvent(
             position=position, stream=stream, version=versions[stream],
             type=event_tag(type(event)), schema_version=type(event).schema_version,
             recorded_at=datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(seconds=position),
             event=event))
-    return log
+    return recorded
+
+
+def _log(picks: list[tuple[int, int]]) -> list[RecordedEvent]:
+    """Events of the recorded histories, dealt to three jobs in the order picked."""
+    return _recorded([(f"job-{job}", _HISTORY_EVENTS[index]) for job, index in picks])
 
 
 @settings(max_examples=300, deadline=None)
@@ -345,16 +348,7 @@ def test_fold_log_folds_checkpoint_saves_and_prunes_as_evolve_does(steps):
     the states evolve gives, pruned marks and their order included."""
     start = [JobSubmitted(spec=make_spec()), JobStarted()]
     log = [(job, event) for job in (0, 1) for event in start] + _checkpoint_events(steps)
-    versions: dict[str, int] = {}
-    recorded = []
-    for position, (job, event) in enumerate(log, start=1):
-        stream = f"job-{job}"
-        versions[stream] = versions.get(stream, 0) + 1
-        recorded.append(RecordedEvent(
-            position=position, stream=stream, version=versions[stream],
-            type=event_tag(type(event)), schema_version=type(event).schema_version,
-            recorded_at=datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(seconds=position),
-            event=event))
+    recorded = _recorded([(f"job-{job}", event) for job, event in log])
     assert fold_log(recorded) == _evolved_one_by_one(recorded)
 
 
