@@ -83,6 +83,29 @@ def test_sigkill_at_any_moment_resumes_to_identical_final_states(tmp_path, refer
     assert recovered, "the restart must have recovered at least one running job"
 
 
+@pytest.mark.timeout(180)
+def test_sigkill_while_creating_the_log_leaves_no_log_and_the_restart_creates_it(
+        tmp_path, reference):
+    """Killed between writing the schema and renaming it into place, the runtime leaves no
+    file at the log's path (never an empty one, which every reader refuses); the restart
+    creates the log and runs every job to the uninterrupted run's final states."""
+    db, fault_file = tmp_path / "flow.db", tmp_path / "faults"
+    fault_file.touch()
+    child = run_child(db, "store.creating@1", fault_file)
+    wait_until(lambda: "store.creating" in fault_file.read_text() or child.poll() is not None,
+               timeout=60, message="the child to stage the log's schema")
+    assert child.poll() is None, f"child exited early: {child.stderr.read().decode()}"
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=10)
+    assert not db.exists(), f"a killed creation left {db.stat().st_size} bytes at the log's path"
+    child = run_child(db)
+    assert child.wait(timeout=120) == 0, child.stderr.read().decode()
+    assert final_digests(db) == reference
+    assert not Path(f"{db}.creating").exists()
+    with EventStore(db, mode="readonly") as store:
+        assert store.verify().ok
+
+
 SIGNAL_CHILD = """
 import sys, flowactors as fa
 spec = fa.JobSpec(agent_id="a", training_data=[fa.TrainingQuery(query="q")], task="simulated",

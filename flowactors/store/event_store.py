@@ -37,7 +37,7 @@ from .connections import (
 )
 from .open_check import OpenCheck
 from .reader import Reader
-from .schema import FORMAT_VERSION, check_header, check_schema, create_schema
+from .schema import FORMAT_VERSION, check_header, check_schema, create_log_file
 from .writer import Writer, _Append, _Call
 from ..logs import get_logger
 
@@ -105,14 +105,14 @@ class EventStore:
         exists = check_header(self.path)  # again: it may have changed before we held the lock
         if exists:
             self._validate_read_only()
+        else:
+            try:
+                create_log_file(self.path)
+            except (OSError, sqlite3.Error) as exc:
+                raise StoreUnavailable(f"cannot create a log at {self.path}: {exc}") from None
+            log.info("log_created", path=self.path, format_version=FORMAT_VERSION)
         conn, mode = connect_owner(self.path, self.synchronous)
         try:
-            if not exists:
-                create_schema(conn)
-                # Into the main file at once: until a checkpoint the whole log, tables included,
-                # is in the -wal, and a lost -wal would leave an empty database, not a log.
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                log.info("log_created", path=self.path, format_version=FORMAT_VERSION)
             if mode != "wal":
                 raise StoreUnavailable(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
             check_schema(self.path, conn)

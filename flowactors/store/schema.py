@@ -32,6 +32,7 @@ import sqlite_utils
 
 from .chain import GENESIS_HASH, read_only_uri
 from ..control import CONTROL_COMMANDS
+from ..faults import fault_point
 from ..errors import LogCorrupted
 
 FORMAT_VERSION = 1
@@ -127,6 +128,38 @@ def create_schema(conn: sqlite3.Connection) -> None:
                            "schema_version, recorded_at, data])), prev of position 1 = 32 zero "
                            "bytes"),
         )
+
+
+def create_log_file(path: str) -> None:
+    """Create a new, empty log at `path` atomically: the schema is written to a sibling file,
+    made durable, and renamed over `path`.
+
+    A process killed while creating a log then leaves either no log or a whole one at `path`
+    (an empty file there would be refused by `verify` and every reader), and at most a sibling
+    `.creating` file, which the next creation replaces. The caller holds the owner lock.
+    """
+    staging = f"{path}.creating"
+    for leftover in (staging, f"{staging}-journal"):
+        if os.path.exists(leftover):
+            os.remove(leftover)
+    conn = sqlite3.connect(staging, isolation_level=None)
+    try:
+        conn.execute("PRAGMA synchronous = FULL")
+        create_schema(conn)
+    finally:
+        conn.close()
+    fault_point("store.creating")  # crash tests: the schema staged, not yet renamed into place
+    with open(staging, "rb") as staged:
+        os.fsync(staged.fileno())
+    for stale in (f"{path}-wal", f"{path}-shm"):  # of the empty file replaced, if any
+        if os.path.exists(stale):
+            os.remove(stale)
+    os.replace(staging, path)
+    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def now_iso() -> str:
