@@ -6,6 +6,10 @@ runtime writes it). A user
 mistake prints one line, `error: ...`, to stderr and exits non-zero; logs go to stderr, so
 stdout carries only the output (JSON lines for `export`). Progress of long reads is shown on
 stderr when it is a terminal.
+
+The group and the commands that read one job live here; the others, each in the module its
+name says: `cli_log` (replay, verify, export), `cli_control` (cancel, pause, resume),
+`cli_lineage` (trajectories, fork), `cli_resume` (check-resume), `demo` and `report`.
 """
 
 from __future__ import annotations
@@ -13,19 +17,20 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import click
-import msgspec
 
 from . import job as core
-from . import remote
 from . import replay as rp
 from . import schemas as schema_files
+from .checkpointing import open_state_store
+from .cli_control import EXIT_UNANSWERED, cancel, pause, resume  # EXIT_UNANSWERED: re-exported
 from .cli_lineage import fork, trajectories
-from .checkpointing import open_state_store, verify_files
+from .cli_log import export, replay_command, verify
+from .cli_options import db_option, files_option, json_option
 from .demo import demo
 from .console import (
     Failure,
@@ -43,7 +48,7 @@ from .console import (
     without_owner,
 )
 from .errors import CheckpointNotFound, FlowError
-from .history import export_lines, history_line
+from .history import history_line
 from .logs import log_to_stderr
 from .report import report
 from .store import owner_of
@@ -51,8 +56,6 @@ from .cli_resume import check_resume_command
 
 __all__ = ["main"]
 
-
-EXIT_UNANSWERED = 3
 EXIT_BROKEN_PIPE = 141  # as a shell reports a process that SIGPIPE ended
 
 
@@ -103,29 +106,13 @@ def main(ctx: click.Context, verbose: bool) -> None:
     ctx.call_on_close(log_to_stderr(verbose))
 
 
-def _db_option(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        "--db", type=click.Path(dir_okay=False, path_type=Path), default="flow.db",
-        show_default=True, help="The flowactors log (a SQLite file).")(fn)
-
-
-def _files_option(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--checkpoint-store", "files", metavar="URL", help="Where the log's "
-                        "checkpoint files are [default: DB.checkpoints beside the log].")(fn)
-
-
-def _json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--json", "as_json", is_flag=True,
-                        help="Print JSON instead of text.")(fn)
-
-
 # --- status, history -----------------------------------------------------------------------
 
 
 @main.command()
 @click.argument("job", required=False)
-@_db_option
-@_json_option
+@db_option
+@json_option
 def status(job: str | None, db: Path, as_json: bool) -> None:
     """Show every job as a table, or one JOB in detail.
 
@@ -172,7 +159,7 @@ def _history_line(recorded: Any) -> str:
               help="Keep printing new events until the job is terminal (or Ctrl-C).")
 @click.option("--interval", type=click.FloatRange(min=0.01), default=0.25, show_default=True,
               help="Seconds between reads while following.")
-@_db_option
+@db_option
 @click.option("--json", "as_json", is_flag=True,
               help="Print the events themselves, one JSON line each (the export format).")
 def history(job: str, follow: bool, interval: float, db: Path, as_json: bool) -> None:
@@ -209,164 +196,6 @@ def history(job: str, follow: bool, interval: float, db: Path, as_json: bool) ->
             return
 
 
-# --- replay, verify, export ----------------------------------------------------------------
-
-
-@main.command("replay")
-@click.option("--job", help="Only this job.")
-@click.option("--until", type=click.IntRange(min=0), metavar="POSITION",
-              help="Replay events up to this position (inclusive): the state at that time.")
-@click.option("--check", is_flag=True,
-              help="Recompute the state digests that checkpoint and terminal events recorded; "
-                   "fail on the first difference.")
-@_db_option
-@_json_option
-def replay_command(job: str | None, until: int | None, check: bool, db: Path,
-                   as_json: bool) -> None:
-    """Rebuild job states from the log alone (up to a position) and print them.
-
-    With --check, also recompute every state digest recorded when a checkpoint or terminal
-    event was written, and exit 1 naming the position of the first difference: this catches
-    a change to evolve that alters old histories.
-
-    \b
-    Example:
-        flowactors replay --check --db flow.db
-    """
-    with rp.open_log(db) as store:
-        job = None if job is None else resolve_job(store, job)
-        progress = Progress("replaying")
-        events = progress.counted(rp.read_events(store, job_id=job, until=until),
-                                  until or store.head()[0])
-        if check:
-            _check(rp.check(events), until, as_json)
-            return
-        seen = _Seen()
-        states = rp.replay(seen.through(events))
-        if job is not None and job not in states:
-            raise Failure(f"job {job!r} has no events at or before position {until} in {db}")
-    entries = [s for s in states.values() if s.exists]
-    if as_json:
-        echo_json({
-            "position": seen.position, "events": seen.count,
-            "jobs": [{"view": core.view(s), "state_digest": core.state_digest(s),
-                      **({"state": s} if job is not None else {})} for s in entries]})
-        return
-    click.echo(f"state after position {seen.position} ({seen.count} events replayed)")
-    if job is not None:
-        state = states[job]
-        click.echo(detail(core.view(state)))
-        click.echo(f"{'digest':<11} {core.state_digest(state)}")
-        return
-    rows = [[s.job_id, s.status.value,
-             f"{s.iteration}/{s.spec.config.n_iterations if s.spec else '?'}",
-             str(s.version), core.state_digest(s)] for s in entries]
-    click.echo(table(["JOB", "STATUS", "ITERATION", "VERSION", "STATE DIGEST"], rows)
-               if rows else "no jobs")
-
-
-class _Seen:
-    """Counts events passing through, and remembers the last position."""
-
-    def __init__(self) -> None:
-        self.position = 0
-        self.count = 0
-
-    def through(self, events: Iterable[Any]) -> Iterator[Any]:
-        for recorded in events:
-            self.position = recorded.position
-            self.count += 1
-            yield recorded
-
-
-def _check(report: rp.CheckReport, until: int | None, as_json: bool) -> None:
-    scope = "" if until is None else f", up to position {until}"
-    if as_json:
-        echo_json({"ok": report.ok, "events": report.events,
-                    "digests_checked": report.digests_checked, "mismatch": report.mismatch})
-    if report.mismatch is not None:
-        raise Failure(f"replay check failed at {report.mismatch}")
-    if not as_json:
-        click.echo(f"ok: {report.digests_checked} recorded state digests match the replay "
-                   f"({report.events} events, {len(report.states)} jobs{scope})")
-
-
-@main.command()
-@click.option("--expect-head", metavar="HASH",
-              help="A head hash printed by an earlier verify: the log must still contain it "
-                   "(detects a cut-off tail or a rewritten chain).")
-@_db_option
-@_files_option
-@_json_option
-def verify(expect_head: str | None, db: Path, files: str | None, as_json: bool) -> None:
-    """Check the log: hash chain, contiguous positions and versions, every event decodes
-    against its schema version, blobs against their addresses, SQLite's integrity_check,
-    and every checkpoint file a job needs (present, of its size, matching its address).
-
-    Exits 0 only when all hold, else 1 naming the first bad position. Prints the head hash:
-    keep it, and pass it to a later verify with --expect-head.
-
-    \b
-    Example:
-        flowactors verify --expect-head 9c1d...e4 --db flow.db
-    """
-    if expect_head is not None:
-        try:
-            if len(bytes.fromhex(expect_head)) != 32:
-                raise ValueError
-        except ValueError:
-            raise click.BadParameter("expected a SHA-256 hash in hex (64 characters)",
-                                     param_hint="--expect-head") from None
-    with rp.open_log(db) as store:
-        progress = Progress("verifying")
-        try:
-            result = rp.verify(store, expect_head, progress=progress.update)
-        finally:
-            progress.close()
-        if result.ok:
-            n_files, problem = verify_files(store, db, files)
-            result = msgspec.structs.replace(result, ok=problem is None, problem=problem,
-                                             blobs_checked=result.blobs_checked + n_files)
-    if as_json:
-        echo_json(result)
-    else:
-        if result.ok:
-            click.echo(f"ok: {result.events_checked} events and {result.blobs_checked} blobs "
-                       f"verified")
-        click.echo(f"head: position {result.head_position}, hash {result.head_hash}")
-    if not result.ok:
-        where = "" if result.first_bad_position is None else \
-            f" at position {result.first_bad_position}"
-        raise Failure(f"verification failed{where}: {result.problem}")
-
-
-@main.command()
-@click.option("--job", help="Only this job's events.")
-@click.option("--from", "from_position", type=click.IntRange(min=1), default=1,
-              metavar="POSITION", help="Start at this position.")
-@_db_option
-def export(job: str | None, from_position: int, db: Path) -> None:
-    """Write the log's events to stdout as JSON lines, in log order, exactly as stored.
-
-    One line per recorded event: position, stream, version, type, schema_version,
-    recorded_at, data (schema: schemas/HistoryLine.json). flowactors.testing.load_history
-    reads it back: this is how histories are recorded for tests.
-
-    \b
-    Example:
-        flowactors export --job 3f2a9c --db flow.db > tests/histories/my_job.jsonl
-    """
-    out = sys.stdout.buffer
-    with rp.open_log(db) as store:
-        job = None if job is None else resolve_job(store, job)
-        progress = Progress("exporting")
-        for line in progress.counted(export_lines(store, job_id=job,
-                                                     from_position=from_position),
-                                     store.head()[0]):
-            out.write(line + b"\n")
-    out.flush()
-
-
 # --- checkpoints -------------------------------------------------------------------------------
 
 
@@ -376,9 +205,9 @@ def export(job: str | None, from_position: int, db: Path) -> None:
               help="Save the trainer state of this checkpoint (needs --out).")
 @click.option("--out", type=click.Path(dir_okay=False, writable=True, path_type=Path),
               help="The file --save writes (the state's MessagePack bytes, as stored).")
-@_db_option
-@_files_option
-@_json_option
+@db_option
+@files_option
+@json_option
 def checkpoints(job: str, save: int | None, out: Path | None, db: Path, files: str | None,
                 as_json: bool) -> None:
     """List JOB's checkpoints, best first; or save one's trainer state to a file.
@@ -425,51 +254,6 @@ def checkpoints(job: str, save: int | None, out: Path | None, db: Path, files: s
     click.echo(table(["ITERATION", "VALIDATION", "AVG REWARD", "LOSS", "STATE", "REF"], rows))
 
 
-# --- control -----------------------------------------------------------------------------------
-
-
-def _control_command(name: str, done: str, summary: str, example: str) -> click.Command:
-    @click.argument("job")
-    @click.option("--timeout", type=click.FloatRange(min=0.0), default=30.0, show_default=True,
-                  help="Seconds to wait for the owning runtime's answer.")
-    @_db_option
-    def command(job: str, timeout: float, db: Path) -> None:
-        with rp.open_log(db) as store:
-            job = resolve_job(store, job)
-        outcome = remote.control(db, job, name, timeout=timeout)  # type: ignore[arg-type]
-        if outcome.outcome == "unanswered":
-            raise Failure(outcome.reason, EXIT_UNANSWERED)
-        if outcome.outcome == "rejected":
-            raise Failure(f"{name} rejected: {outcome.reason}")
-        state = "" if outcome.view is None else f": it is {outcome.view.status.value}"
-        how = " (no runtime owns the log: decided directly)" \
-            if outcome.decided_by == "direct" else ""
-        click.echo(f"{done} job {job}{state}{how}")
-
-    command.__doc__ = f"""{summary}
-
-    While a runtime owns the log, leaves a request in its inbox and waits for the answer:
-    exit 0 once applied, 1 with the reason when rejected, 3 when unanswered within
-    --timeout. With no runtime running, decides directly.
-
-    \b
-    Example:
-        {example}
-    """
-    return click.command(name)(command)
-
-
-main.add_command(_control_command(
-    "cancel", "cancelled", "Cancel JOB (mid-iteration if it runs).",
-    "flowactors cancel 3f2a9c --db flow.db"))
-main.add_command(_control_command(
-    "pause", "paused", "Pause JOB (a running job at its next iteration boundary).",
-    "flowactors pause 3f2a9c --db flow.db"))
-main.add_command(_control_command(
-    "resume", "resumed", "Queue a paused JOB again.",
-    "flowactors resume 3f2a9c --db flow.db"))
-
-
 # --- schemas -----------------------------------------------------------------------------------
 
 
@@ -506,7 +290,7 @@ def schemas_command(check: bool, directory: Path | None) -> None:
 
 
 @main.command()
-@_db_option
+@db_option
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="The address to listen on (a loopback one unless --allow-remote).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8600, show_default=True,
@@ -530,6 +314,12 @@ def serve(db: Path, host: str, port: int, allow_remote: bool) -> None:
     run(db, host=host, port=port, allow_remote=allow_remote, echo=click.echo)
 
 
+main.add_command(replay_command)
+main.add_command(verify)
+main.add_command(export)
+main.add_command(cancel)
+main.add_command(pause)
+main.add_command(resume)
 main.add_command(demo)
 main.add_command(report)
 main.add_command(trajectories)

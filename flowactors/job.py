@@ -1,29 +1,42 @@
-"""The pure core of a job: state, `evolve`, `decide`, `fold`, `view`.
+"""The pure core of a job: `evolve`, `decide`, `fold`.
 
 A job's state is a function of its recorded events: `fold(evolve, events)`. `decide` turns a
 command into the events that record it, or raises `InvalidTransition` and produces none. No I/O,
 no clocks, no threads, no hidden randomness here: whatever varies (time, ids, trainer results)
 arrives in the command or in the event's envelope.
+
+The state and its digest (`job_state`), the commands (`commands`) and the view users see
+(`job_view`) live beside it and are re-exported here: `flowactors.job` is the core's one name.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from datetime import datetime, timezone
-from typing import Any, Literal, assert_never
+from typing import Any, assert_never
 
-import msgspec
 from msgspec.structs import replace
 
+from .commands import (
+    Cancel,
+    Command,
+    Fail,
+    Pause,
+    RecordIteration,
+    Recover,
+    Resume,
+    SavedState,
+    Start,
+    Submit,
+    checkpoint_due,
+    needs_saved_state,
+)
 from .errors import InvalidTransition, SpecError
 from .events import (
     BudgetThresholdReached,
     CheckpointSaved,
     CheckpointsPruned,
-    Digest,
     Event,
-    FailureReason,
     IterationCompleted,
     JobCancelled,
     JobCompleted,
@@ -39,76 +52,31 @@ from .events import (
     RecordedEvent,
     event_tag,
 )
-from .spec import JobSpec, digest_form, validation_set
-from .views import (
-    CheckpointInfo,
-    Cost,
-    ForkNote,
-    ForkOrigin,
-    JobError,
-    JobStatus,
-    JobView,
-    Progress,
+from .job_state import (
+    CheckpointRecord,
+    JobState,
+    ResumePoint,
+    initial_state,
+    recorded_digest,
+    state_digest,
 )
+from .job_view import best_checkpoint, checkpoint_infos, view
+from .views import CheckpointInfo, ForkNote, ForkOrigin, JobError, JobStatus
+
+__all__ = [
+    # the decider
+    "BUDGET_THRESHOLDS", "after_iterations", "checkpoint_record", "decide", "evolve", "fold",
+    "pruned_record",
+    # re-exported from job_state, commands and job_view
+    "CheckpointRecord", "JobState", "ResumePoint", "initial_state", "recorded_digest",
+    "state_digest",
+    "Cancel", "Command", "Fail", "Pause", "RecordIteration", "Recover", "Resume", "SavedState",
+    "Start", "Submit", "checkpoint_due", "needs_saved_state",
+    "best_checkpoint", "checkpoint_infos", "view",
+]
 
 BUDGET_THRESHOLDS = (0.75, 0.9)
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-
-
-# --- state -------------------------------------------------------------------------------------
-
-
-class CheckpointRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """A checkpoint as the state remembers it, with what a recovery to it rewinds to."""
-
-    info: CheckpointInfo
-    thresholds: tuple[float, ...]
-
-
-class ResumePoint(msgspec.Struct, frozen=True, kw_only=True):
-    """Where an actor starts: after `iteration`, from the trainer state in blob `state_ref`."""
-
-    iteration: int
-    state_ref: Digest
-
-
-class JobState(msgspec.Struct, frozen=True, kw_only=True):
-    """Everything known about one job, rebuilt by folding its events."""
-
-    job_id: str
-    spec: JobSpec | None = None
-    status: JobStatus = JobStatus.QUEUED
-    version: int = 0
-    position: int = 0
-    iteration: int = 0
-    metrics: dict[str, float] = {}
-    tokens: int = 0
-    cost_usd: float = 0.0
-    thresholds: tuple[float, ...] = ()
-    checkpoints: tuple[CheckpointRecord, ...] = ()
-    resume_point: ResumePoint | None = None
-    final_state_ref: Digest | None = None
-    final_state_digest: Digest | None = None
-    validation_score: float | None = None
-    error: JobError | None = None
-    attempts: int = 0
-    created_at: datetime | None = None
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    forked_from: ForkOrigin | None = None
-    forks: tuple[ForkNote, ...] = ()
-
-    @property
-    def exists(self) -> bool:
-        return self.spec is not None
-
-    @property
-    def last_checkpoint(self) -> CheckpointRecord | None:
-        return self.checkpoints[-1] if self.checkpoints else None
-
-
-def initial_state(job_id: str) -> JobState:
-    return JobState(job_id=job_id)
 
 
 # --- evolve ------------------------------------------------------------------------------------
@@ -238,97 +206,7 @@ def fold(events: Iterable[RecordedEvent], state: JobState | None = None) -> JobS
     return state
 
 
-def state_digest(state: JobState) -> Digest:
-    """Digest of the job's folded state, without its timestamps.
-
-    Timestamps come from the envelope, which does not exist yet when an event is decided; every
-    other field is a pure function of the events, so this digest pins `evolve` itself.
-    """
-    canonical = replace(state, created_at=None, started_at=None, finished_at=None, position=0,
-                        spec=digest_form(state.spec))
-    # Sorted dict keys: a dict's value, not the order its keys were inserted in (an upcast
-    # event may build the same metrics in another order), decides the digest. Struct fields
-    # keep their order; fields added since digests were first recorded count only when set,
-    # so every digest an older flowactors recorded stays the same.
-    data = msgspec.to_builtins(canonical, order="deterministic",
-                               builtin_types=(bytes, bytearray, memoryview))
-    if data["forked_from"] is None:
-        del data["forked_from"]
-    if not data["forks"]:
-        del data["forks"]
-    config = (data.get("spec") or {}).get("config")
-    if config is not None and config["record_trajectories"] is True:
-        del config["record_trajectories"]
-    return hashlib.sha256(msgspec.msgpack.encode(data)).hexdigest()
-
-
-# --- commands ----------------------------------------------------------------------------------
-
-
-class Submit(msgspec.Struct, frozen=True, kw_only=True):
-    spec: JobSpec
-
-
-class Start(msgspec.Struct, frozen=True, kw_only=True):
-    pass
-
-
-class Pause(msgspec.Struct, frozen=True, kw_only=True):
-    """Pause; a running job's actor passes its trainer state so resuming repeats nothing."""
-
-    state_ref: Digest | None = None
-    state_size: int | None = None
-    state_location: str | None = None
-
-
-class Resume(msgspec.Struct, frozen=True, kw_only=True):
-    pass
-
-
-class Cancel(msgspec.Struct, frozen=True, kw_only=True):
-    reason: str = "requested"
-
-
-class SavedState(msgspec.Struct, frozen=True, kw_only=True):
-    """A trainer state the actor stored as a blob, with what the checkpoint records about it."""
-
-    state_ref: Digest
-    validation_score: float
-    policy_digest: Digest
-    optimizer_digest: Digest | None
-    rng_digest: Digest | None
-    size: int | None = None
-    location: str | None = None  # the checkpoint store holding it; None: the log itself
-
-
-class RecordIteration(msgspec.Struct, frozen=True, kw_only=True):
-    """An iteration's results; `saved` is required when a checkpoint is due or it was the last."""
-
-    result: IterationCompleted
-    saved: SavedState | None = None
-
-
-class Fail(msgspec.Struct, frozen=True, kw_only=True):
-    reason: FailureReason
-    error_type: str
-    message: str
-
-
-class Recover(msgspec.Struct, frozen=True, kw_only=True):
-    attempt: int
-    cause: Literal["crash", "restart"] = "crash"
-
-
-Command = Submit | Start | Pause | Resume | Cancel | RecordIteration | Fail | Recover
-
-
-def checkpoint_due(spec: JobSpec, iteration: int) -> bool:
-    return iteration % spec.config.checkpoint_interval == 0
-
-
-def needs_saved_state(spec: JobSpec, iteration: int) -> bool:
-    """True when recording `iteration` must come with a stored trainer state."""
-    return checkpoint_due(spec, iteration) or iteration >= spec.config.n_iterations
+# --- decide ------------------------------------------------------------------------------------
 
 
 def decide(command: Command, state: JobState) -> list[Event]:
@@ -464,68 +342,3 @@ def _prune(state: JobState, keep: int, latest: SavedState) -> CheckpointsPruned 
     still_referenced.add(latest.state_ref)
     released = sorted({c.state_ref for c in dropped} - still_referenced)
     return CheckpointsPruned(iterations=[c.iteration for c in dropped], released=released)
-
-
-# --- views -------------------------------------------------------------------------------------
-
-
-def best_checkpoint(state: JobState) -> CheckpointInfo | None:
-    live = [c.info for c in state.checkpoints if not c.info.pruned]
-    if not live:
-        return None
-    return max(live, key=lambda c: (c.validation_score, c.iteration))
-
-
-def checkpoint_infos(state: JobState) -> list[CheckpointInfo]:
-    """Checkpoints best first (kept ones before pruned ones)."""
-    infos = [c.info for c in state.checkpoints]
-    return sorted(infos, key=lambda c: (c.pruned, -c.validation_score, -c.iteration))
-
-
-def view(state: JobState) -> JobView:
-    """The user-facing view of a job's state."""
-    spec = state.spec
-    if spec is None:
-        raise ValueError(f"job {state.job_id!r} has no events")
-    total = spec.config.n_iterations
-    budget = spec.config.max_budget_usd
-    best = best_checkpoint(state)
-    return JobView(
-        job_id=state.job_id,
-        agent_id=spec.agent_id,
-        status=state.status,
-        progress=Progress(
-            current_iteration=state.iteration,
-            total_iterations=total,
-            percent_complete=round(100.0 * state.iteration / total, 2),
-        ),
-        metrics=state.metrics,
-        cost=Cost(
-            tokens_consumed=state.tokens,
-            cost_usd=state.cost_usd,
-            budget_usd=budget,
-            budget_remaining_usd=None if budget is None else max(0.0, budget - state.cost_usd),
-        ),
-        best_checkpoint=best.iteration if best else None,
-        error=state.error,
-        attempts=state.attempts,
-        created_at=state.created_at,
-        started_at=state.started_at,
-        finished_at=state.finished_at,
-        task=spec.task,
-        priority=spec.priority,
-        version=state.version,
-        validation_score=state.validation_score,
-        validation_set=validation_set(spec),
-        forked_from=state.forked_from,
-        forks=list(state.forks),
-    )
-
-
-def recorded_digest(event: JobEvent) -> Digest | None:
-    """The digest `event` recorded of the job's state before it, if it records one."""
-    match event:
-        case CheckpointSaved() | JobCompleted() | JobFailed() | JobCancelled():
-            return event.state_digest
-        case _:
-            return None

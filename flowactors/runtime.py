@@ -4,25 +4,24 @@ The runtime owns the log (one owner at a time), admits queued jobs up to `max_co
 (by priority, then submission order), supervises job actors (an actor that dies unexpectedly is
 restarted by replay, a bounded number of times), serves `status()` from an in-memory view
 updated after each commit, and answers control requests other processes leave in the inbox.
+Admission and supervision are its `Supervisor` part (`flowactors.supervisor`).
 """
 
 from __future__ import annotations
 
-import heapq
 import queue
 import signal
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import msgspec
 import pykka
 
 from . import lineage
-from .actors import CancelRequest, JobActor, PauseRequest
+from .actors import CancelRequest, PauseRequest
 from .checkpointing import StateStore, open_state_store
 from .errors import (
     CheckpointNotFound,
@@ -30,25 +29,12 @@ from .errors import (
     InvalidTransition,
     JobNotFound,
     LogCorrupted,
-    SpecError,
     StoreUnavailable,
 )
 from .events import RecordedEvent
 from .faults import fault_point
 from .control import CONTROL_COMMANDS, CONTROL_REASON, ControlCommand, decision
-from .job import (
-    Command,
-    Fail,
-    JobState,
-    Recover,
-    Start,
-    Submit,
-    checkpoint_infos,
-    decide,
-    fold,
-    initial_state,
-    view,
-)
+from .job import Recover, Submit, checkpoint_infos, decide, fold, initial_state, view
 from .logs import get_logger
 from .replay import replay_log
 from .rollouts import RolloutBackend, ThreadRollouts
@@ -56,17 +42,19 @@ from .spec import JobSpec, validate_job_id, validate_spec
 from .store import EventStore
 from .tasks import build_task, state_decoder
 from .trajectories import RecordedTrajectory, read as read_trajectories
+from .supervisor import MAX_RESTARTS, Supervisor
 from .views import CheckpointInfo, JobStatus, JobView
 
 log = get_logger(__name__)
 
-MAX_RESTARTS = 3
+__all__ = ["CONTROL_TIMEOUT_SECONDS", "INBOX_POLL_SECONDS", "MAX_RESTARTS", "Runtime"]
+
 INBOX_POLL_SECONDS = 0.1
 CONTROL_TIMEOUT_SECONDS = 600.0
 _WATCH_END = object()
 
 
-class Runtime:
+class Runtime(Supervisor):
     """An embedded runtime on one log file. Use as a context manager.
 
     Args:
@@ -93,27 +81,14 @@ class Runtime:
                  checkpoint_store: Any = None) -> None:
         if max_concurrent_jobs < 1 or max_rollout_workers < 1:
             raise ValueError("max_concurrent_jobs and max_rollout_workers must be >= 1")
+        super().__init__(max_concurrent_jobs)
         self.path = Path(path)
-        self.max_concurrent_jobs = max_concurrent_jobs
         self.store = EventStore(self.path, mode="owner", synchronous=synchronous)
         self.state_store: StateStore = open_state_store(
             self.store, self.path, checkpoint_store, lambda: list(self._states.values()))
         self._owns_rollouts = rollouts is None
         self.rollouts = ThreadRollouts(max_rollout_workers) if rollouts is None else rollouts
-        self.closing = False
-        self._lock = threading.RLock()  # control decisions and admission
-        self._changed = threading.Condition()  # a job's state changed
-        self._states: dict[str, JobState] = {}
-        self._views: dict[str, JobView] = {}
-        self._order: dict[str, int] = {}  # submission position, for the queue's order
-        self._queue: list[tuple[int, int, str]] = []
-        self._actors: dict[str, pykka.ActorRef] = {}
-        self._restarts: dict[str, int] = {}
-        self._stalled: dict[str, str] = {}
-        self._unloadable: dict[str, str] = {}  # job -> why its task does not load here now
-        self._watchers: list[tuple[str | None, Any]] = []
         self._previous_handlers: dict[int, Any] = {}
-        self.ready = threading.Event()
         try:
             self._recover()
         except BaseException:
@@ -349,7 +324,7 @@ class Runtime:
             self.rollouts.close()
         self.store.close()
 
-    # --- internals: recovery, scheduling, supervision ---
+    # --- recovery ---
 
     def _recover(self) -> None:
         """Replay the log; queue queued jobs; resume running ones from their last checkpoint."""
@@ -379,115 +354,6 @@ class Runtime:
             self._schedule()
         log.info("runtime_opened", path=str(self.path), jobs=len(states),
                  recovered=len(running))
-
-    def _enqueue(self, job_id: str) -> None:
-        state = self._states[job_id]
-        assert state.spec is not None
-        heapq.heappush(self._queue, (-state.spec.priority, self._order[job_id], job_id))
-
-    def _schedule(self) -> None:
-        """Admit queued jobs while slots are free (called with the lock held)."""
-        while self._queue and len(self._actors) < self.max_concurrent_jobs and not self.closing:
-            _, _, job_id = heapq.heappop(self._queue)
-            state = self._states[job_id]
-            if state.status is JobStatus.QUEUED and job_id not in self._actors:
-                self._start_actor(state, Start())
-
-    def _start_actor(self, state: JobState, start: Command | None) -> None:
-        """Start a job's actor; it first records `start` (None: already recorded)."""
-        assert state.spec is not None
-        try:
-            task = build_task(state.spec)
-        except SpecError as exc:
-            # The task's code does not load here (another directory or virtualenv): a problem
-            # of the environment, not of the job, which waits, unfinished, for its code.
-            reason = str(exc)
-            self._unloadable[state.job_id] = reason
-            self._views[state.job_id] = msgspec.structs.replace(
-                self._views[state.job_id], waiting=reason)
-            log.warning("task_unavailable", job_id=state.job_id, task=state.spec.task,
-                        error=str(exc))
-            return
-        if self._views[state.job_id].waiting:
-            self._views[state.job_id] = view(state)
-        self._actors[state.job_id] = JobActor.start(host=self, state=state, task=task,
-                                                    start=start)
-
-    def _retry_task(self, state: JobState) -> JobView:
-        """`resume` of a job whose task did not load: try again; it goes on exactly where it
-        stopped (a running job from its last checkpoint, a queued one when admitted).
-
-        Raises:
-            SpecError: the task still cannot be loaded (the job keeps waiting).
-        """
-        job_id = state.job_id
-        del self._unloadable[job_id]
-        if state.status is JobStatus.QUEUED:
-            self._views[job_id] = view(state)
-            self._enqueue(job_id)
-            self._schedule()
-        else:
-            self._start_actor(state, None)
-        if job_id in self._unloadable:
-            raise SpecError(f"job {job_id!r} cannot resume: {self._unloadable[job_id]}")
-        return self._views[job_id]
-
-    def _append_direct(self, state: JobState, events: list, blobs: Sequence[bytes] = ()) -> None:
-        """Append for a job that has no actor (called with the lock held)."""
-        if events:
-            recorded = self.store.append(state.job_id, events, state.version, blobs=blobs)
-            if state.job_id not in self._order:
-                self._order[state.job_id] = recorded[0].position
-            self.publish(fold(recorded, state), recorded)
-
-    # --- JobHost: called on actor threads ---
-
-    def publish(self, state: JobState, recorded: Sequence[RecordedEvent]) -> None:
-        """Serve the new state; wake waiters only when a status changed (they wait for
-        one), never on every iteration of every job."""
-        job_id = state.job_id
-        before = self._views.get(job_id)
-        self._states[job_id] = state
-        self._unloadable.pop(job_id, None)  # a decision about it was recorded (pause, cancel)
-        current = self._views[job_id] = view(state)
-        if self._watchers:
-            with self._changed:
-                for wanted, inbox in self._watchers:
-                    if wanted is None or wanted == job_id:
-                        for item in recorded:
-                            inbox.put(item)
-        if before is None or before.status is not current.status:
-            with self._changed:
-                self._changed.notify_all()
-
-    def actor_stopped(self, job_id: str, state: JobState, error: BaseException | None) -> None:
-        with self._lock:
-            if self._actors.pop(job_id, None) is None:
-                return  # already reported
-            if error is not None and not self.closing:
-                if isinstance(error, FlowError):
-                    self._stalled[job_id] = str(error)
-                else:
-                    self._supervise(job_id, error)
-            self._schedule()
-        with self._changed:
-            self._changed.notify_all()
-
-    def _supervise(self, job_id: str, error: BaseException) -> None:
-        """Restart a crashed actor by replay (bounded); then fail the job."""
-        state = self._states[job_id]
-        if state.status is not JobStatus.RUNNING:
-            return
-        restarts = self._restarts.get(job_id, 0) + 1
-        self._restarts[job_id] = restarts
-        if restarts > MAX_RESTARTS:
-            log.error("job_restarts_exhausted", job_id=job_id, error=repr(error))
-            self._append_direct(state, decide(Fail(
-                reason="restarts_exhausted", error_type=type(error).__name__,
-                message=f"{error} (after {MAX_RESTARTS} restarts)"), state))
-            return
-        log.warning("job_restarted", job_id=job_id, restart=restarts, error=repr(error))
-        self._start_actor(state, Recover(attempt=state.attempts + 1, cause="restart"))
 
     # --- the inbox: control requests from other processes ---
 
@@ -520,12 +386,6 @@ class Runtime:
             log.info("request_applied", job_id=request.job_id, command=request.command)
 
     # --- helpers ---
-
-    def _state(self, job_id: str) -> JobState:
-        try:
-            return self._states[job_id]
-        except KeyError:
-            raise JobNotFound(f"job {job_id!r} not found in {self.path}") from None
 
     def _check_open(self) -> None:
         if self.closing:

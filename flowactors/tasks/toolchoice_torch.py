@@ -31,7 +31,7 @@ import torch
 from ..spec import GRPOConfig, JobSpec, TrainingQuery
 from ..training import derive_seed
 from .base import Trajectory, group_advantages
-from .toolchoice import (
+from .toolchoice_env import (
     ACTIONS,
     ANSWER,
     CONTEXTS,
