@@ -185,7 +185,8 @@ def test_the_field_reference_names_every_field_of_the_spec_and_the_views():
     text = (REPO / "README.md").read_text()
     section = text.split("## The spec and the views, field by field", 1)[1].split("\n## ", 1)[0]
     types = [fa.JobSpec, fa.TrainingQuery, fa.GRPOConfig, fa.JobView, Progress, Cost, JobError,
-             fa.CheckpointInfo, RecordedEvent, fa.Trajectory]
+             fa.CheckpointInfo, RecordedEvent, fa.Trajectory, fa.RecordedTrajectory,
+             fa.ForkOrigin, fa.ForkNote]
     missing = [f"{t.__name__}.{f.name}" for t in types for f in msgspec.structs.fields(t)
                if f"`{f.name}`" not in section]
     assert not missing, missing
