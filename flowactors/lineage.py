@@ -91,6 +91,13 @@ def plan(parent: core.JobState, child: core.JobState, spec: JobSpec,
         rng_digest=record.rng_digest)]
 
 
+def _shared(log: Any, state_ref: str) -> list[bytes]:
+    """The child's reference to its parent's checkpoint state, under the same address (no
+    copy): a state kept in the log is named again by the child's append; a checkpoint file
+    needs nothing, since the child's folded state keeps it live."""
+    return [log.get_blob(state_ref)] if log.has_blob(state_ref) else []
+
+
 def _forked(events: list[Event]) -> JobForked:
     forked = events[-1]
     assert isinstance(forked, JobForked)
@@ -128,8 +135,7 @@ def fork_in_runtime(rt: Any, parent_id: str, *, at_iteration: int, job_id: str |
         events = plan(parent, child, spec, at_iteration)
         if not events:
             return job_id
-        shared = rt.store.get_blob(_forked(events).state_ref)  # under its address: no copy
-        rt._append_direct(child, events, blobs=[shared])
+        rt._append_direct(child, events, blobs=_shared(rt.store, _forked(events).state_ref))
         log.info("job_forked", job_id=job_id, parent_id=parent_id, at_iteration=at_iteration)
     note_parent(rt, parent_id, ForkCreated(child_id=job_id, at_iteration=at_iteration))
     with rt._lock:
@@ -189,7 +195,7 @@ def fork_directly(store: EventStore, parent_id: str, *, at_iteration: int,
     if not events:
         return job_id
     store.append(job_id, events, child.version,
-                 blobs=[store.get_blob(_forked(events).state_ref)])
+                 blobs=_shared(store, _forked(events).state_ref))
     store.append(parent_id, [ForkCreated(child_id=job_id, at_iteration=at_iteration)],
                  parent.version)
     return job_id

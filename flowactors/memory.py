@@ -140,6 +140,13 @@ class MemoryEventLog:
             rows = list(self._rows)
         return (r for r, _ in rows if r.stream == stream and r.version >= from_version)
 
+    def read_types(self, types: Sequence[str]) -> Iterator[RecordedEvent]:
+        """Every event of these types (tags), in position order."""
+        wanted = frozenset(types)
+        with self._lock:
+            rows = list(self._rows)
+        return (r for r, _ in rows if r.type in wanted)
+
     def stream_version(self, stream: str) -> int:
         with self._lock:
             return self._versions.get(stream, 0)
