@@ -7,7 +7,7 @@ columns (`chain`), so `verify` (`integrity`) detects an edited, removed or reord
 
 Ownership: one owner (`connections.OwnerLock`) writes events, through the group-commit
 `writer`. Read-only opens read freely (`reader`), even while the owner writes. A "requester"
-open may only add control requests to the `inbox`, which the owner reads and answers.
+open may only add requests (control commands, forks) to the `inbox`, which the owner reads and answers.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from ..codec import digest as content_digest
 from ..codec import encode_append
-from ..control import ControlCommand
+from ..control import ForkRequest, RequestCommand
 from ..errors import FlowError, LogCorrupted, LogNotFound, StoreUnavailable
 from ..events import Event, RecordedEvent
 from ..ports import Answer, Outcome, Request, VerifyReport
@@ -37,7 +37,7 @@ from .connections import (
 )
 from .open_check import OpenCheck
 from .reader import Reader
-from .schema import FORMAT_VERSION, check_header, check_schema, create_log_file
+from .schema import FORMAT_VERSION, check_header, check_schema, create_log_file, migrate
 from .writer import Writer, _Append, _Call
 from ..logs import get_logger
 
@@ -116,6 +116,8 @@ class EventStore:
             if mode != "wal":
                 raise StoreUnavailable(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
             check_schema(self.path, conn)
+            if migrate(conn):
+                log.info("log_migrated", path=self.path, change="inbox takes forks")
             head = self._reader.head() if exists else (0, GENESIS_HASH)
         except sqlite3.Error as exc:
             conn.close()
@@ -390,16 +392,20 @@ class EventStore:
 
     # --- the inbox ---
 
-    def request(self, job_id: str, command: ControlCommand) -> int:
-        """Leave a control request for the owner; return its id. Modes "requester" and "owner".
+    def request(self, job_id: str, command: RequestCommand,
+                fork: ForkRequest | None = None) -> int:
+        """Leave a request for the owner; return its id. Modes "requester" and "owner".
 
         Raises:
-            InvalidRequest: command is not pause, resume or cancel; job_id is not a non-empty
-                str the log can store.
-            StoreUnavailable: read-only open, closed store, or the write failed.
+            InvalidRequest: command is not pause, resume, cancel or fork; a fork without its
+                ForkRequest (or another command with one); job_id is not a non-empty str the
+                log can store.
+            StoreUnavailable: read-only open, closed store, the write failed, or a fork and
+                the log's inbox does not take forks (an older owner).
         """
-        inbox.check_request(job_id, command)
-        return self._inbox_write(inbox.insert_request(job_id, command), "request")
+        args = inbox.check_request(job_id, command, fork)
+        return self._inbox_write(inbox.insert_request(self.path, job_id, command, args),
+                                 "request")
 
     def answer(self, request_id: int, outcome: Outcome, reason: str = "") -> None:
         """Record the owner's decision on a request (owner only).
