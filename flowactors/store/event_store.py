@@ -301,6 +301,12 @@ class EventStore:
         """
         return self._reader.read_stream(stream, from_version)
 
+    def stored_stream(self, stream: str, from_version: int = 1
+                      ) -> Iterator[tuple[int, int, str, int, bytes]]:
+        """One stream's rows as stored, in version order: (position, version, type,
+        schema_version, data), for a reader that decodes a few (`codec.decode_event`)."""
+        return self._reader.stored_stream(stream, from_version)
+
     def read_types(self, types: Sequence[str]) -> Iterator[RecordedEvent]:
         """Every event of these types (tags), in position order: a scan of one column, for
         the few kinds of event a check needs out of a long log."""
