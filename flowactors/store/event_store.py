@@ -26,6 +26,7 @@ from ..errors import FlowError, LogCorrupted, LogNotFound, StoreUnavailable
 from ..events import Event, RecordedEvent
 from ..ports import Answer, Outcome, Request, VerifyReport
 from . import blobs, inbox, integrity
+from .blobs import SqliteCheckpoints
 from .chain import GENESIS_HASH
 from .connections import (
     OwnerLock,
@@ -400,14 +401,14 @@ class EventStore:
 
     def request(self, job_id: str, command: RequestCommand,
                 fork: ForkRequest | None = None) -> int:
-        """Leave a request for the owner; return its id. Modes "requester" and "owner".
+        """Leave a request (a fork's with its ForkRequest) for the owner; return its id.
+        Modes "requester" and "owner".
 
         Raises:
-            InvalidRequest: command is not pause, resume, cancel or fork; a fork without its
-                ForkRequest (or another command with one); job_id is not a non-empty str the
-                log can store.
-            StoreUnavailable: read-only open, closed store, the write failed, or a fork and
-                the log's inbox does not take forks (an older owner).
+            InvalidRequest: an unknown command, a fork without its arguments (or another
+                command with some), a job_id that is not a non-empty str the log can store.
+            StoreUnavailable: read-only open, closed store, the write failed, or a fork to a
+                log whose inbox does not take forks (an older owner).
         """
         args = inbox.check_request(job_id, command, fork)
         return self._inbox_write(inbox.insert_request(self.path, job_id, command, args),
@@ -448,24 +449,3 @@ class EventStore:
         """The answer to a request, or None while it is pending (or unknown)."""
         return inbox.answer_from(self.path, request_id,
                                  self._reader.query(inbox.SELECT_ANSWER, (request_id,)))
-
-
-class SqliteCheckpoints:
-    """The `CheckpointStore` of a log's blobs table (its writes go through the writer)."""
-
-    def __init__(self, store: EventStore) -> None:
-        self._store = store
-
-    def put(self, data: bytes) -> str:
-        data = bytes(data)
-        return self._store._call_in_writer(lambda conn: blobs.put(conn, data)).result()
-
-    def get(self, address: str) -> bytes:
-        return self._store.get_blob(address)
-
-    def has(self, address: str) -> bool:
-        return self._store.has_blob(address)
-
-    def delete(self, address: str) -> bool:
-        return self._store._call_in_writer(
-            lambda conn: blobs.delete_unreferenced(conn, address)).result()
