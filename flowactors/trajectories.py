@@ -14,8 +14,9 @@ Reading one iteration's trajectories looks up the job's rows as stored (`stored_
 decodes only what it needs: the iteration number of each iteration event (a Struct of that
 one field, the rest skipped), then the whole events of that iteration and the recoveries
 (which mark runs superseded), and at most their blobs. Nothing else of the stream is decoded,
-and no time or hash is read. (On a 1M-event log of 1,000 jobs that cut the median read from
-32 ms to a few.)
+and no time or hash is read. (On a crashed 1M-event log of 1,000 jobs, cProfile put the
+Python side of a read at ~8 ms of its ~18 before, ~0.6 ms after; what is left is SQLite's
+point lookups over the job's ~1,000 versions: it grows with the job, not with the log.)
 """
 
 from __future__ import annotations
