@@ -3,8 +3,8 @@
 The runtime owns the log (one owner at a time), admits queued jobs up to `max_concurrent_jobs`
 (by priority, then submission order), supervises job actors (an actor that dies unexpectedly is
 restarted by replay, a bounded number of times), serves `status()` from an in-memory view
-updated after each commit, and answers the requests (control, forks) other processes leave in the inbox.
-Admission and supervision are its `Supervisor` part (`flowactors.supervisor`).
+updated after each commit, and answers the requests (control, forks) other processes leave
+in the inbox. Admission and supervision are its `Supervisor` part (`flowactors.supervisor`).
 """
 
 from __future__ import annotations

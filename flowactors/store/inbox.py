@@ -30,10 +30,10 @@ def check_request(job_id: str, command: str, fork: ForkRequest | None = None) ->
     if command not in REQUEST_COMMANDS:
         raise InvalidRequest(
             f"command must be one of {', '.join(REQUEST_COMMANDS)}, not {command!r}")
-    if (command == "fork") != isinstance(fork, ForkRequest):
-        raise InvalidRequest("a fork request takes a ForkRequest, and only a fork request"
-                             if fork is None or isinstance(fork, ForkRequest)
-                             else f"fork arguments must be a ForkRequest, not {fork!r}")
+    if command == "fork" and not isinstance(fork, ForkRequest):
+        raise InvalidRequest(f"a fork request takes its arguments as a ForkRequest, not {fork!r}")
+    if command != "fork" and fork is not None:
+        raise InvalidRequest(f"a {command} request takes no arguments")
     if type(job_id) is not str or not job_id:
         raise InvalidRequest(f"job_id must be a non-empty str, not {job_id!r}")
     try:
