@@ -36,6 +36,8 @@ from .store import EventStore, Owner
 from .views import JobStatus, JobView
 
 EXIT_FAILED = 1
+EXIT_UNANSWERED = 3
+"""The exit code of a request the owning runtime did not answer in time."""
 T = TypeVar("T")
 _json_encoder = msgspec.json.Encoder()
 

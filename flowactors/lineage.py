@@ -19,6 +19,7 @@ import pykka
 
 from . import job as core
 from .actors import RecordLineage
+from .control import ForkRequest
 from .errors import CheckpointNotFound, FlowError, SpecError
 from .events import Event, ForkCreated, JobForked, JobSubmitted
 from .logs import get_logger
@@ -32,7 +33,8 @@ log = get_logger(__name__)
 NOTE_ATTEMPTS = 3
 NOTE_TIMEOUT_SECONDS = 600.0
 
-__all__ = ["child_spec", "fork_directly", "fork_in_runtime", "missing_notes", "plan"]
+__all__ = ["child_spec", "fork_directly", "fork_in_runtime", "fork_request", "missing_notes",
+           "plan"]
 
 
 def child_spec(parent: core.JobState, config: GRPOConfig | dict[str, Any] | None,
@@ -52,6 +54,27 @@ def child_spec(parent: core.JobState, config: GRPOConfig | dict[str, Any] | None
     spec = validate_spec(raw)
     build_task(spec)
     return spec
+
+
+def fork_request(parent: core.JobState, *, at_iteration: int, job_id: str | None,
+                 config: GRPOConfig | dict[str, Any] | None,
+                 task_options: dict[str, Any] | None) -> ForkRequest:
+    """A fork's arguments for the log's owner, checked as the fork will check them (the
+    settings, the task's options, the ids) so that a bad one is refused before a request is
+    written; the child's id is chosen now (a new uuid by default).
+
+    Raises:
+        SpecError: invalid settings, options or ids.
+    """
+    spec = child_spec(parent, config, task_options)
+    job_id = uuid.uuid4().hex if job_id is None else validate_job_id(job_id)
+    raw = {"at_iteration": at_iteration, "job_id": job_id,
+           "config": msgspec.to_builtins(spec.config),
+           "task_options": None if task_options is None else spec.task_options}
+    try:
+        return msgspec.convert(raw, ForkRequest)
+    except msgspec.ValidationError as exc:
+        raise SpecError(f"invalid fork of job {parent.job_id!r}: {exc}") from None
 
 
 def plan(parent: core.JobState, child: core.JobState, spec: JobSpec,

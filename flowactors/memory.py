@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 
 from .codec import decode_event, encode_append
 from .codec import digest as content_digest
-from .control import ControlCommand
+from .control import ForkRequest, RequestCommand
 from .errors import (
     BlobNotFound,
     ConcurrencyConflict,
@@ -229,11 +229,12 @@ class MemoryInbox:
         self._requests: list[Request] = []
         self._answers: dict[int, Answer] = {}
 
-    def request(self, job_id: str, command: ControlCommand) -> int:
-        sqlite_inbox.check_request(job_id, command)
+    def request(self, job_id: str, command: RequestCommand,
+                fork: ForkRequest | None = None) -> int:
+        args = sqlite_inbox.check_request(job_id, command, fork)
         with self._lock:
             request = Request(id=len(self._requests) + 1, job_id=job_id, command=command,
-                              requested_at=datetime.now(timezone.utc))
+                              requested_at=datetime.now(timezone.utc), args=args)
             self._requests.append(request)
         return request.id
 

@@ -3,8 +3,8 @@
 The runtime owns the log (one owner at a time), admits queued jobs up to `max_concurrent_jobs`
 (by priority, then submission order), supervises job actors (an actor that dies unexpectedly is
 restarted by replay, a bounded number of times), serves `status()` from an in-memory view
-updated after each commit, and answers control requests other processes leave in the inbox.
-Admission and supervision are its `Supervisor` part (`flowactors.supervisor`).
+updated after each commit, and answers the requests (control, forks) other processes leave
+in the inbox. Admission and supervision are its `Supervisor` part (`flowactors.supervisor`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from .errors import (
 )
 from .events import RecordedEvent
 from .faults import fault_point
-from .control import CONTROL_COMMANDS, CONTROL_REASON, ControlCommand, decision
+from .control import CONTROL_COMMANDS, CONTROL_REASON, ControlCommand, decision, decode_fork
 from .job import Recover, Submit, checkpoint_infos, decide, fold, initial_state, view
 from .logs import get_logger
 from .memory import MemoryEventLog
@@ -375,7 +375,7 @@ class Runtime(Supervisor):
         log.info("runtime_opened", path=str(self.path), jobs=len(states),
                  recovered=len(running))
 
-    # --- the inbox: control requests from other processes ---
+    # --- the inbox: requests from other processes ---
 
     def _tail_inbox(self) -> None:
         last_id = 0
@@ -391,10 +391,17 @@ class Runtime(Supervisor):
             self._inbox_stop.wait(INBOX_POLL_SECONDS)
 
     def _answer(self, request: Any) -> None:
+        """Decide one request and answer it. A fork's answer names no child: the request
+        chose its id (`ForkRequest.job_id`)."""
         try:
-            if request.command not in CONTROL_COMMANDS:
+            if request.command == "fork":
+                fork = decode_fork(request.args)
+                self.fork(request.job_id, at_iteration=fork.at_iteration, job_id=fork.job_id,
+                          config=fork.config, task_options=fork.task_options)
+            elif request.command in CONTROL_COMMANDS:
+                self._control(request.job_id, request.command, CONTROL_REASON)
+            else:
                 raise InvalidTransition(f"unknown command {request.command!r}")
-            self._control(request.job_id, request.command, CONTROL_REASON)
         except (FlowError, TimeoutError) as exc:
             if self.closing:
                 return
