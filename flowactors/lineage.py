@@ -93,8 +93,9 @@ def plan(parent: core.JobState, child: core.JobState, spec: JobSpec,
 
 def _shared(log: Any, state_ref: str) -> list[bytes]:
     """The child's reference to its parent's checkpoint state, under the same address (no
-    copy): a state kept in the log is named again by the child's append; a checkpoint file
-    needs nothing, since the child's folded state keeps it live."""
+    copy): a state kept in the log is stored again by the child's append (so a deletion the
+    parent's pruning queued just before is undone); a checkpoint file needs nothing, since
+    the child's folded state keeps it live."""
     return [log.get_blob(state_ref)] if log.has_blob(state_ref) else []
 
 
@@ -135,7 +136,9 @@ def fork_in_runtime(rt: Any, parent_id: str, *, at_iteration: int, job_id: str |
         events = plan(parent, child, spec, at_iteration)
         if not events:
             return job_id
-        rt._append_direct(child, events, blobs=_shared(rt.store, _forked(events).state_ref))
+        state_ref = _forked(events).state_ref
+        with rt.state_store.holding(state_ref):  # not released while the child is recorded
+            rt._append_direct(child, events, blobs=_shared(rt.store, state_ref))
         log.info("job_forked", job_id=job_id, parent_id=parent_id, at_iteration=at_iteration)
     note_parent(rt, parent_id, ForkCreated(child_id=job_id, at_iteration=at_iteration))
     with rt._lock:

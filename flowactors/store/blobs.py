@@ -1,48 +1,35 @@
-"""Content-addressed blobs (checkpoint states) in the log file, and which streams hold them.
+"""Content-addressed blobs (small checkpoint states, large recorded trajectories) in the log.
 
-A blob's key is the hex SHA-256 of its bytes. The `blob_refs` table records, per stream, the
-blobs an append stored (`ref`) and let go (`release`); a blob row is deleted once no stream
-references it (a trigger enforces it). All the SQL about blobs is here.
+A blob's key is the hex SHA-256 of its bytes; it is inserted in the transaction of the append
+whose event names it. Which blobs are still needed is not recorded here: it is derived from
+the jobs' folded states (`flowactors.checkpointing.StateStore`), which deletes the rest. All
+the SQL about blobs is here.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from ..codec import digest as content_digest
 from ..errors import BlobNotFound, LogCorrupted
 
-# A digest is referenced while some stream's latest ref/release row for it is a 'ref'.
-_LIVE_REF = """
-    SELECT r.digest, r.stream FROM blob_refs AS r
-    WHERE r.op = 'ref' {where}
-      AND NOT EXISTS (SELECT 1 FROM blob_refs AS l
-                      WHERE l.digest = r.digest AND l.stream = r.stream
-                        AND l.op = 'release' AND l.id > r.id)"""
-_REFERENCED = _LIVE_REF.format(where="AND r.digest = ?1") + " LIMIT 1"
-_MISSING = _LIVE_REF.format(
-    where="AND NOT EXISTS (SELECT 1 FROM blobs AS b WHERE b.digest = r.digest)") + " LIMIT 1"
 SELECT_DATA = "SELECT data FROM blobs WHERE digest = ?"
 SELECT_EXISTS = "SELECT 1 FROM blobs WHERE digest = ?"
+SELECT_DIGESTS = "SELECT digest FROM blobs"
 _CHECK_CHUNK = 64
 
 
-def write_refs(conn: sqlite3.Connection, position: int, stream: str,
-               blobs: Sequence[tuple[str, bytes]], releases: Sequence[str]) -> None:
-    """Store an append's blobs and record its refs/releases (releases first, so a digest
-    both released and stored again by one append stays referenced); delete what no stream
-    references any more. Inside the append's transaction."""
-    if blobs:
-        conn.executemany("INSERT OR IGNORE INTO blobs (digest, size, data) VALUES (?, ?, ?)",
-                         [(d, len(b), b) for d, b in blobs])
-    conn.executemany(
-        "INSERT INTO blob_refs (position, stream, digest, op) VALUES (?, ?, ?, ?)",
-        [(position, stream, d, "release") for d in releases]
-        + [(position, stream, d, "ref") for d, _ in blobs])
-    for released in dict.fromkeys(releases):
-        if conn.execute(_REFERENCED, (released,)).fetchone() is None:
-            conn.execute("DELETE FROM blobs WHERE digest = ?", (released,))
+def insert(conn: sqlite3.Connection, blobs: Sequence[tuple[str, bytes]]) -> None:
+    """Store an append's blobs (idempotent: equal bytes are one row). Inside the append's
+    transaction."""
+    conn.executemany("INSERT OR IGNORE INTO blobs (digest, size, data) VALUES (?, ?, ?)",
+                     [(d, len(b), b) for d, b in blobs])
+
+
+def delete(conn: sqlite3.Connection, digests: Iterable[str]) -> None:
+    """Delete these blobs (absent ones are no-ops): the caller decided no job needs them."""
+    conn.executemany("DELETE FROM blobs WHERE digest = ?", [(d,) for d in digests])
 
 
 def put(conn: sqlite3.Connection, data: bytes) -> str:
@@ -51,18 +38,6 @@ def put(conn: sqlite3.Connection, data: bytes) -> str:
     conn.execute("INSERT OR IGNORE INTO blobs (digest, size, data) VALUES (?, ?, ?)",
                  (address, len(data), data))
     return address
-
-
-def delete_unreferenced(conn: sqlite3.Connection, digest: str) -> bool:
-    """Delete a blob that no stream references (records a release of the empty stream, which
-    never holds one, so the delete trigger allows it); return whether it is gone."""
-    if conn.execute(_REFERENCED, (digest,)).fetchone() is not None:
-        return False
-    if conn.execute(SELECT_EXISTS, (digest,)).fetchone() is not None:
-        conn.execute("INSERT INTO blob_refs (position, stream, digest, op) "
-                     "VALUES (0, '', ?, 'release')", (digest,))
-        conn.execute("DELETE FROM blobs WHERE digest = ?", (digest,))
-    return True
 
 
 def checked(path: str, digest: str, rows: list[tuple[bytes]]) -> bytes:
@@ -82,8 +57,9 @@ def checked(path: str, digest: str, rows: list[tuple[bytes]]) -> bytes:
 
 
 def check_all(conn: sqlite3.Connection) -> tuple[int, str | None]:
-    """Check every blob against its address and size, and that every referenced blob
-    exists: (blobs checked, the first problem or None)."""
+    """Check every blob against its address and size: (blobs checked, the first problem or
+    None). Whether every needed blob exists is the folded states' question
+    (`flowactors.checkpointing.StateStore.verify`)."""
     checked_ = 0
     last = ""
     while True:
@@ -100,7 +76,4 @@ def check_all(conn: sqlite3.Connection) -> tuple[int, str | None]:
             last = digest_
         if len(rows) < _CHECK_CHUNK:
             break
-    missing = conn.execute(_MISSING).fetchone()
-    if missing is not None:
-        return checked_, f"blob {missing[0]} is referenced by stream {missing[1]!r} but missing"
     return checked_, None

@@ -1,8 +1,8 @@
 """`EventStore`: one open log, the facade over the store's parts.
 
-One SQLite file holds everything. Rows are never updated or deleted: triggers in the file
-itself raise on UPDATE and DELETE (`schema`), so the rule holds for any connection, not only
-ours. Each event row carries a SHA-256 chained over the previous row's hash and all its own
+One SQLite file holds everything. Event rows are never updated or deleted: triggers in the
+file itself raise on UPDATE and DELETE (`schema`), so the rule holds for any connection, not
+only ours; only blob rows no job needs any more are deleted (`delete_blobs`). Each event row carries a SHA-256 chained over the previous row's hash and all its own
 columns (`chain`), so `verify` (`integrity`) detects an edited, removed or reordered row.
 
 Ownership: one owner (`connections.OwnerLock`) writes events, through the group-commit
@@ -37,7 +37,7 @@ from .connections import (
 )
 from .open_check import OpenCheck
 from .reader import Reader
-from .schema import FORMAT_VERSION, check_header, check_schema, create_log_file
+from .schema import FORMAT_VERSION, check_header, check_schema, create_log_file, migrate
 from .writer import Writer, _Append, _Call
 from ..logs import get_logger
 
@@ -116,6 +116,8 @@ class EventStore:
             if mode != "wal":
                 raise StoreUnavailable(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
             check_schema(self.path, conn)
+            if migrate(conn):
+                log.info("log_migrated", path=self.path, format_version=FORMAT_VERSION)
             head = self._reader.head() if exists else (0, GENESIS_HASH)
         except sqlite3.Error as exc:
             conn.close()
@@ -201,25 +203,22 @@ class EventStore:
     # --- appending (owner) ---
 
     def append(self, stream: str, events: Iterable[Event], expected_version: int, *,
-               blobs: Iterable[bytes] = (), releases: Iterable[str] = ()
-               ) -> list[RecordedEvent]:
+               blobs: Iterable[bytes] = ()) -> list[RecordedEvent]:
         """Append events to a stream, durably; return them as recorded.
 
         Args:
             stream: the job id; a non-empty string.
             events: at least one event.
             expected_version: the stream's version this append was decided on (0: new stream).
-            blobs: payloads to store in the same transaction; the stream references each by
-                its digest (`codec.digest`).
-            releases: digests the stream no longer references; a blob that no stream references
-                any more is deleted in the same transaction.
+            blobs: payloads to store in the same transaction, each under its digest
+                (`codec.digest`), which the events name. They stay until `delete_blobs`.
 
         Raises:
             ConcurrencyConflict: the stream is not at `expected_version`; nothing was written.
             StoreUnavailable: the transaction failed (e.g. disk full) or the store is closed.
             ValueError, TypeError: bad arguments.
         """
-        return self._submit(stream, events, expected_version, blobs, releases).result()
+        return self._submit(stream, events, expected_version, blobs).result()
 
     def append_many(self, appends: Sequence[tuple[str, Sequence[Event], int]]
                     ) -> list[list[RecordedEvent] | FlowError]:
@@ -240,14 +239,11 @@ class EventStore:
         return results
 
     def _submit(self, stream: str, events: Iterable[Event], expected_version: int,
-                blobs: Iterable[bytes] = (), releases: Iterable[str] = ()) -> _Append:
+                blobs: Iterable[bytes] = ()) -> _Append:
         """Queue an append without waiting; `.result()` waits (the two halves of `append`)."""
         events, encoded = encode_append(stream, expected_version, events)
         blob_rows = [(content_digest(blob), bytes(blob)) for blob in blobs] if blobs else []
-        released = list(releases) if releases else []
-        if released and not all(type(d) is str for d in released):
-            raise TypeError(f"releases of stream {stream!r} must be digests (str)")
-        item = _Append(stream, expected_version, events, encoded, blob_rows, released)
+        item = _Append(stream, expected_version, events, encoded, blob_rows)
         self._owner_writer("append").submit(item)
         return item
 
@@ -383,6 +379,26 @@ class EventStore:
         """Whether a blob is stored under this digest."""
         return bool(self._reader.query(blobs.SELECT_EXISTS, (digest,)))
 
+    def blob_digests(self) -> set[str]:
+        """The digest of every blob stored (one read of the blobs table's key index)."""
+        return {digest for digest, in self._reader.query(blobs.SELECT_DIGESTS, ())}
+
+    def delete_blobs(self, digests: Iterable[str]) -> None:
+        """Delete these blobs (owner only), without waiting: the deletion rides the next group
+        commit, before any append queued after this call (so an append storing the same
+        bytes again keeps them). The caller decided that no job needs them
+        (`flowactors.checkpointing.StateStore.release`).
+
+        Raises:
+            StoreUnavailable: not the owner, or the store is closed.
+            TypeError: a digest is not a str.
+        """
+        wanted = list(digests)
+        if not all(type(d) is str for d in wanted):
+            raise TypeError("blob digests must be str")
+        if wanted:
+            self._owner_writer("delete blobs").delete_blobs(wanted)
+
     @property
     def checkpoints(self) -> SqliteCheckpoints:
         """The blobs of this log as a `CheckpointStore` (writes: owner only)."""
@@ -455,5 +471,6 @@ class SqliteCheckpoints:
         return self._store.has_blob(address)
 
     def delete(self, address: str) -> bool:
-        return self._store._call_in_writer(
-            lambda conn: blobs.delete_unreferenced(conn, address)).result()
+        """Delete at once (the caller decided nothing needs the bytes); always True."""
+        self._store._call_in_writer(lambda conn: blobs.delete(conn, [address])).result()
+        return True

@@ -14,6 +14,7 @@ A checkpointer thread copies the WAL into the database file meanwhile.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import sqlite3
 import threading
@@ -84,18 +85,17 @@ class _Append(_Queued):
     SQLite. A caller therefore always passes the wake-up on, even when interrupted.
     """
 
-    __slots__ = ("stream", "expected", "events", "encoded", "blobs", "releases", "done",
+    __slots__ = ("stream", "expected", "events", "encoded", "blobs", "done",
                  "position", "recorded_at", "hashes", "error", "next", "settled")
 
     def __init__(self, stream: str, expected: int, events: list[Event],
-                 encoded: list[tuple[str, int, bytes]], blobs: list[tuple[str, bytes]],
-                 releases: list[str]) -> None:
+                 encoded: list[tuple[str, int, bytes]], blobs: list[tuple[str, bytes]]
+                 ) -> None:
         self.stream = stream
         self.expected = expected
         self.events = events
         self.encoded = encoded
         self.blobs = blobs
-        self.releases = releases
         self.done = threading.Lock()  # held until the writer settled this append
         self.done.acquire()
         self.position = 0
@@ -159,7 +159,32 @@ class _Call(_Queued):
         return self.value
 
 
+class _Delete:
+    """Blobs to delete, queued without waiting: they ride the next group commit, ordered
+    before every append queued after them (an append storing the same bytes again keeps
+    them). A crash before that commit leaves rows the next open sweeps."""
+
+    __slots__ = ("digests",)
+
+    def __init__(self, digests: list[str]) -> None:
+        self.digests = digests
+
+
 _STOP = object()
+
+
+def _write_blobs(conn: sqlite3.Connection, appends: list[_Append],
+                 deletes: list[tuple[int, list[str]]]) -> None:
+    """Insert the accepted appends' blobs and run the deletes, in queue order (a delete
+    queued before an append storing the same bytes runs first: the bytes stay)."""
+    done = 0
+    for before, digests in [*deletes, (len(appends), [])]:
+        for item in appends[done:before]:
+            if item.blobs and not item.settled:  # refused appends are settled already
+                blobs.insert(conn, item.blobs)
+        if digests:
+            blobs.delete(conn, digests)
+        done = before
 
 
 class Writer:
@@ -216,6 +241,13 @@ class Writer:
                 raise self.not_writable("append")
             self._queue.put(item)
 
+    def delete_blobs(self, digests: list[str]) -> None:
+        """Queue the deletion of these blobs; returns at once (see `_Delete`)."""
+        with self._gate:
+            if self.stopped:
+                raise self.not_writable("delete blobs")
+            self._queue.put(_Delete(digests))
+
     def call(self, fn: Callable[[sqlite3.Connection], Any]) -> _Call:
         """Queue `fn(connection)` to run in the writer thread, between batches."""
         call = _Call(fn)
@@ -244,19 +276,24 @@ class Writer:
                 except queue.Empty:
                     pass
                 appends: list[_Append] = []
+                deletes: list[tuple[int, list[str]]] = []  # (appends queued before, digests)
                 for item in batch:
-                    if type(item) is _Append:
+                    kind = type(item)
+                    if kind is _Append:
                         appends.append(item)
                         continue
-                    if appends:  # keep queue order around calls
-                        self._commit(appends)
-                        appends = []
+                    if kind is _Delete:
+                        deletes.append((len(appends), item.digests))
+                        continue
+                    if appends or deletes:  # keep queue order around calls
+                        self._commit(appends, deletes)
+                        appends, deletes = [], []
                     self._wake_settled()
                     if item is _STOP:
                         return
                     self._run_call(item)
-                if appends:
-                    self._commit(appends)
+                if appends or deletes:
+                    self._commit(appends, deletes)
         except BaseException as exc:  # a bug: fail everyone rather than hang them
             log.exception("store_writer_crashed", path=self.path)
             with self._gate:
@@ -270,7 +307,7 @@ class Writer:
                 except queue.Empty:
                     break
             for item in leftovers:
-                if item is not _STOP and not item.settled:
+                if item is not _STOP and type(item) is not _Delete and not item.settled:
                     item.refuse(error)
 
     def _wake_settled(self) -> None:
@@ -330,8 +367,8 @@ class Writer:
                 hashes.append(prev.hex())
         return params, (position, prev)
 
-    def _commit(self, appends: list[_Append]) -> None:
-        """Write the accepted appends of one batch in one transaction.
+    def _commit(self, appends: list[_Append], deletes: list[tuple[int, list[str]]]) -> None:
+        """Write the accepted appends of one batch, and its blob deletes, in one transaction.
 
         The callers of the previous batch are woken only once this batch's rows are built and
         its transaction begun: they then run (and queue their next appends) while this thread
@@ -341,10 +378,12 @@ class Writer:
         accepted, staged = self._accept(appends)
         if not accepted:
             self._wake_settled()
+            if deletes:
+                self._delete_alone(deletes)
             return
         now = datetime.now(timezone.utc)
         params, head = self._stamp(accepted, now.isoformat(timespec="microseconds"))
-        with_blobs = [item for item in accepted if item.blobs or item.releases]
+        with_blobs = bool(deletes) or any(item.blobs for item in accepted)
         conn = self.conn
         n_rows = len(params) >> 3
         try:
@@ -358,9 +397,7 @@ class Writer:
                 self._wake_settled()
                 for start in range(0, len(params), INSERT_MAX_ROWS << 3):
                     insert_rows(conn, params[start:start + (INSERT_MAX_ROWS << 3)])
-                for item in with_blobs:
-                    blobs.write_refs(conn, item.position, item.stream, item.blobs,
-                                     item.releases)
+                _write_blobs(conn, appends, deletes)
                 # crash tests: inside the transaction, before its commit
                 fault_point("store.commit_with_blobs" if with_blobs else "store.commit_large")
                 conn.execute("COMMIT")
@@ -378,6 +415,22 @@ class Writer:
         if self._rows_since_checkpoint >= CHECKPOINT_ROWS:
             self._rows_since_checkpoint = 0
             self._checkpoint_wanted.set()
+
+    def _delete_alone(self, deletes: list[tuple[int, list[str]]]) -> None:
+        """Blob deletes with no append to ride: a transaction of their own (the writer was
+        idle, or every append of the batch was refused). On failure they are left for the
+        next open's sweep."""
+        conn = self.conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for _, digests in deletes:
+                blobs.delete(conn, digests)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            log.warning("blob_delete_failed", path=self.path, error=str(exc))
 
     def _fail_batch(self, accepted: list[_Append], exc: Exception) -> None:
         """Roll back; fail exactly this batch's appends; keep heads and chain as they were."""
