@@ -19,7 +19,7 @@ import pykka
 
 from . import job as core
 from .actors import RecordLineage
-from .errors import CheckpointNotFound, FlowError, SpecError
+from .errors import BlobNotFound, CheckpointNotFound, FlowError, SpecError
 from .events import Event, ForkCreated, JobForked, JobSubmitted
 from .logs import get_logger
 from .replay import job_state
@@ -96,7 +96,10 @@ def _shared(log: Any, state_ref: str) -> list[bytes]:
     copy): a state kept in the log is stored again by the child's append (so a deletion the
     parent's pruning queued just before is undone); a checkpoint file needs nothing, since
     the child's folded state keeps it live."""
-    return [log.get_blob(state_ref)] if log.has_blob(state_ref) else []
+    try:
+        return [log.get_blob(state_ref)]
+    except BlobNotFound:
+        return []
 
 
 def _forked(events: list[Event]) -> JobForked:
@@ -138,7 +141,11 @@ def fork_in_runtime(rt: Any, parent_id: str, *, at_iteration: int, job_id: str |
             return job_id
         state_ref = _forked(events).state_ref
         with rt.state_store.holding(state_ref):  # not released while the child is recorded
-            rt._append_direct(child, events, blobs=_shared(rt.store, state_ref))
+            shared = _shared(rt.store, state_ref)
+            if not shared and not rt.state_store.files.has(state_ref):
+                raise CheckpointNotFound(f"checkpoint {at_iteration} of job {parent_id!r} "
+                                         f"was pruned meanwhile: its state is gone")
+            rt._append_direct(child, events, blobs=shared)
         log.info("job_forked", job_id=job_id, parent_id=parent_id, at_iteration=at_iteration)
     note_parent(rt, parent_id, ForkCreated(child_id=job_id, at_iteration=at_iteration))
     with rt._lock:

@@ -8,8 +8,10 @@ the SQL about blobs is here.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from ..codec import digest as content_digest
 from ..errors import BlobNotFound, LogCorrupted
@@ -30,6 +32,37 @@ def insert(conn: sqlite3.Connection, blobs: Sequence[tuple[str, bytes]]) -> None
 def delete(conn: sqlite3.Connection, digests: Iterable[str]) -> None:
     """Delete these blobs (absent ones are no-ops): the caller decided no job needs them."""
     conn.executemany("DELETE FROM blobs WHERE digest = ?", [(d,) for d in digests])
+
+
+def write_batch(conn: sqlite3.Connection, appends: Sequence[Any],
+                deletes: Sequence[tuple[int, list[str]]]) -> None:
+    """A group commit's blobs: insert the accepted appends' and run the deletes (each with
+    the number of appends queued before it), in queue order, so a deletion queued before an
+    append storing the same bytes again runs first and the bytes stay."""
+    done = 0
+    for before, digests in [*deletes, (len(appends), [])]:
+        for item in appends[done:before]:
+            if item.blobs and not item.settled:  # a refused append is settled already
+                insert(conn, item.blobs)
+        if digests:
+            delete(conn, digests)
+        done = before
+
+
+def delete_alone(conn: sqlite3.Connection, deletes: Sequence[tuple[int, list[str]]]
+                 ) -> str | None:
+    """Run queued deletions in a transaction of their own; the error, if it failed."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        for _, digests in deletes:
+            delete(conn, digests)
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        return str(exc)
+    return None
 
 
 def put(conn: sqlite3.Connection, data: bytes) -> str:
@@ -77,3 +110,25 @@ def check_all(conn: sqlite3.Connection) -> tuple[int, str | None]:
         if len(rows) < _CHECK_CHUNK:
             break
     return checked_, None
+
+
+class SqliteCheckpoints:
+    """The `CheckpointStore` of a log's blobs table (its writes go through the writer)."""
+
+    def __init__(self, store: Any) -> None:  # an EventStore
+        self._store = store
+
+    def put(self, data: bytes) -> str:
+        data = bytes(data)
+        return self._store._call_in_writer(lambda conn: put(conn, data)).result()
+
+    def get(self, address: str) -> bytes:
+        return self._store.get_blob(address)
+
+    def has(self, address: str) -> bool:
+        return self._store.has_blob(address)
+
+    def delete(self, address: str) -> bool:
+        """Delete at once (the caller decided nothing needs the bytes); always True."""
+        self._store._call_in_writer(lambda conn: delete(conn, [address])).result()
+        return True

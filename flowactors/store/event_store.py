@@ -384,14 +384,11 @@ class EventStore:
         return {digest for digest, in self._reader.query(blobs.SELECT_DIGESTS, ())}
 
     def delete_blobs(self, digests: Iterable[str]) -> None:
-        """Delete these blobs (owner only), without waiting: the deletion rides the next group
-        commit, before any append queued after this call (so an append storing the same
-        bytes again keeps them). The caller decided that no job needs them
-        (`flowactors.checkpointing.StateStore.release`).
+        """Delete blobs no job needs (`checkpointing.StateStore.release` decides), without
+        waiting: with the next group commit, before any append queued after this call.
 
         Raises:
-            StoreUnavailable: not the owner, or the store is closed.
-            TypeError: a digest is not a str.
+            StoreUnavailable: not the owner, or closed. TypeError: a digest is not a str.
         """
         wanted = list(digests)
         if not all(type(d) is str for d in wanted):
@@ -400,9 +397,9 @@ class EventStore:
             self._owner_writer("delete blobs").delete_blobs(wanted)
 
     @property
-    def checkpoints(self) -> SqliteCheckpoints:
+    def checkpoints(self) -> blobs.SqliteCheckpoints:
         """The blobs of this log as a `CheckpointStore` (writes: owner only)."""
-        return SqliteCheckpoints(self)
+        return blobs.SqliteCheckpoints(self)
 
     # --- the inbox ---
 
@@ -452,25 +449,3 @@ class EventStore:
         """The answer to a request, or None while it is pending (or unknown)."""
         return inbox.answer_from(self.path, request_id,
                                  self._reader.query(inbox.SELECT_ANSWER, (request_id,)))
-
-
-class SqliteCheckpoints:
-    """The `CheckpointStore` of a log's blobs table (its writes go through the writer)."""
-
-    def __init__(self, store: EventStore) -> None:
-        self._store = store
-
-    def put(self, data: bytes) -> str:
-        data = bytes(data)
-        return self._store._call_in_writer(lambda conn: blobs.put(conn, data)).result()
-
-    def get(self, address: str) -> bytes:
-        return self._store.get_blob(address)
-
-    def has(self, address: str) -> bool:
-        return self._store.has_blob(address)
-
-    def delete(self, address: str) -> bool:
-        """Delete at once (the caller decided nothing needs the bytes); always True."""
-        self._store._call_in_writer(lambda conn: blobs.delete(conn, [address])).result()
-        return True

@@ -14,7 +14,6 @@ A checkpointer thread copies the WAL into the database file meanwhile.
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import sqlite3
 import threading
@@ -161,8 +160,7 @@ class _Call(_Queued):
 
 class _Delete:
     """Blobs to delete, queued without waiting: they ride the next group commit, ordered
-    before every append queued after them (an append storing the same bytes again keeps
-    them). A crash before that commit leaves rows the next open sweeps."""
+    before the appends queued after them (`blobs.write_batch`)."""
 
     __slots__ = ("digests",)
 
@@ -171,20 +169,6 @@ class _Delete:
 
 
 _STOP = object()
-
-
-def _write_blobs(conn: sqlite3.Connection, appends: list[_Append],
-                 deletes: list[tuple[int, list[str]]]) -> None:
-    """Insert the accepted appends' blobs and run the deletes, in queue order (a delete
-    queued before an append storing the same bytes runs first: the bytes stay)."""
-    done = 0
-    for before, digests in [*deletes, (len(appends), [])]:
-        for item in appends[done:before]:
-            if item.blobs and not item.settled:  # refused appends are settled already
-                blobs.insert(conn, item.blobs)
-        if digests:
-            blobs.delete(conn, digests)
-        done = before
 
 
 class Writer:
@@ -378,8 +362,10 @@ class Writer:
         accepted, staged = self._accept(appends)
         if not accepted:
             self._wake_settled()
-            if deletes:
-                self._delete_alone(deletes)
+            if deletes:  # the writer was idle, or every append refused: commit them alone
+                problem = blobs.delete_alone(self.conn, deletes)
+                if problem is not None:  # left for the next open's sweep
+                    log.warning("blob_delete_failed", path=self.path, error=problem)
             return
         now = datetime.now(timezone.utc)
         params, head = self._stamp(accepted, now.isoformat(timespec="microseconds"))
@@ -397,7 +383,7 @@ class Writer:
                 self._wake_settled()
                 for start in range(0, len(params), INSERT_MAX_ROWS << 3):
                     insert_rows(conn, params[start:start + (INSERT_MAX_ROWS << 3)])
-                _write_blobs(conn, appends, deletes)
+                blobs.write_batch(conn, appends, deletes)
                 # crash tests: inside the transaction, before its commit
                 fault_point("store.commit_with_blobs" if with_blobs else "store.commit_large")
                 conn.execute("COMMIT")
@@ -415,22 +401,6 @@ class Writer:
         if self._rows_since_checkpoint >= CHECKPOINT_ROWS:
             self._rows_since_checkpoint = 0
             self._checkpoint_wanted.set()
-
-    def _delete_alone(self, deletes: list[tuple[int, list[str]]]) -> None:
-        """Blob deletes with no append to ride: a transaction of their own (the writer was
-        idle, or every append of the batch was refused). On failure they are left for the
-        next open's sweep."""
-        conn = self.conn
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            for _, digests in deletes:
-                blobs.delete(conn, digests)
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-            log.warning("blob_delete_failed", path=self.path, error=str(exc))
 
     def _fail_batch(self, accepted: list[_Append], exc: Exception) -> None:
         """Roll back; fail exactly this batch's appends; keep heads and chain as they were."""
