@@ -234,14 +234,15 @@ class StateStore:
     def _outside_log(self, states: dict[str, JobState], in_log: set[Digest]
                      ) -> tuple[list[StoredState], list[str]]:
         """The needed states not in the log: those in the checkpoint store, as their events
-        say, and a problem for each of the others (missing), naming what needs it."""
+        say, and a problem for each of the others (missing), naming what needs it (unless
+        the log was written from a recorded history, which has no states)."""
         outside = live_states(states.values()) - in_log
         if not outside:  # every needed state is in the log: no need to read the events
             return [], []
         stored = stored_states(self.log.read_types(STORING_EVENTS))
         needers = needed_by(states.values())
         missing = [f"{needers[a]}: state {a} is missing from the log"
-                   for a in sorted(outside - stored.keys())]
+                   for a in sorted(outside - stored.keys()) if self.log.records_states()]
         return [ref for address, ref in stored.items() if address in outside], missing
 
     def verify(self, states: dict[str, JobState], trajectories: dict[Digest, str] | None = None

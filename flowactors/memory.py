@@ -163,6 +163,9 @@ class MemoryEventLog:
     def has_blob(self, digest: str) -> bool:
         return self.checkpoints.has(digest)
 
+    def records_states(self) -> bool:
+        return True
+
     def blob_digests(self) -> set[str]:
         return self.checkpoints.addresses()
 

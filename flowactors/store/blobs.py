@@ -19,6 +19,9 @@ from ..errors import BlobNotFound, LogCorrupted
 SELECT_DATA = "SELECT data FROM blobs WHERE digest = ?"
 SELECT_EXISTS = "SELECT 1 FROM blobs WHERE digest = ?"
 SELECT_DIGESTS = "SELECT digest FROM blobs"
+# A log written from a recorded history has its events and none of the states they name.
+NO_STATES = "INSERT OR REPLACE INTO meta (key, value) VALUES ('states_recorded', 'no')"
+SELECT_NO_STATES = "SELECT 1 FROM meta WHERE key = 'states_recorded' AND value = 'no'"
 _CHECK_CHUNK = 64
 
 

@@ -2,8 +2,9 @@
 
 One SQLite file holds everything. Event rows are never updated or deleted: triggers in the
 file itself raise on UPDATE and DELETE (`schema`), so the rule holds for any connection, not
-only ours; only blob rows no job needs any more are deleted (`delete_blobs`). Each event row carries a SHA-256 chained over the previous row's hash and all its own
-columns (`chain`), so `verify` (`integrity`) detects an edited, removed or reordered row.
+only ours; only blob rows no job needs any more are deleted (`delete_blobs`). Each event
+row carries a SHA-256 chained over the previous row's hash and all its own columns
+(`chain`), so `verify` (`integrity`) detects an edited, removed or reordered row.
 
 Ownership: one owner (`connections.OwnerLock`) writes events, through the group-commit
 `writer`. Read-only opens read freely (`reader`), even while the owner writes. A "requester"
@@ -352,7 +353,8 @@ class EventStore:
                progress: Callable[[int, int], None] | None = None) -> VerifyReport:
         """Check the whole log: the hash chain over every column of every event, gap-free
         positions, contiguous versions per stream, that every event decodes, every blob matches
-        its address and every referenced blob exists, and SQLite's integrity_check.
+        its address, and SQLite's integrity_check. (That every blob a job needs exists is
+        checked from the folded states: `flowactors.checkpointing.verify_files`.)
 
         Args:
             expected_head: a head hash recorded earlier (e.g. printed by a previous verify). The
@@ -378,6 +380,11 @@ class EventStore:
     def has_blob(self, digest: str) -> bool:
         """Whether a blob is stored under this digest."""
         return bool(self._reader.query(blobs.SELECT_EXISTS, (digest,)))
+
+    def records_states(self) -> bool:
+        """False for a log written from a recorded history: the states its events name were
+        never stored in it (`history_rows`)."""
+        return not self._reader.query(blobs.SELECT_NO_STATES, ())
 
     def blob_digests(self) -> set[str]:
         """The digest of every blob stored (one read of the blobs table's key index)."""
