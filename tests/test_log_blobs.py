@@ -230,6 +230,8 @@ def test_a_format_1_log_opens_replays_verifies_and_prunes(tmp_path):
     conn = sqlite3.connect(db)
     names = {n for n, in conn.execute("SELECT name FROM sqlite_master")}
     version = conn.execute("PRAGMA user_version").fetchone()[0]
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):  # inert, still kept
+        conn.execute("DELETE FROM blob_refs")
     conn.close()
     assert version == 2 and "blob_refs" in names
     assert "blobs_delete_only_unreferenced" not in names
