@@ -188,7 +188,7 @@ class JobActor(pykka.ThreadingActor):
             raise _Stopped()
         try:
             recorded = self.host.store.append(self.state.job_id, events, self.state.version,
-                                              blobs=blobs, releases=releases)
+                                              blobs=blobs)
         except FlowError as exc:
             self.log.error("append_failed", error=str(exc))
             self.stopped_with = exc

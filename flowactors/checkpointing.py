@@ -7,6 +7,12 @@ size and location — appended. So a crash between the two leaves at most a file
 an orphan, which the next open sweeps, with every other file no job's folded state needs any
 more (`flowactors.liveness`). The open checks the files' presence and size; `verify` and every
 load check their content.
+
+States in the log are kept the same way, with no second bookkeeping: once a pruning event is
+durable, `StateStore.release` deletes the blob rows that no job's folded state needs and no
+store in flight is about to name (the deletion rides the log's next group commit); the next
+open sweeps the rows a crash left in between (states of pruned checkpoints that nothing
+needs). Recorded trajectories are blobs too, but no event releases them: they stay.
 """
 
 from __future__ import annotations
@@ -14,18 +20,26 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import msgspec
 
 from . import codec
 from .errors import BlobNotFound, CheckpointUnstorable, FlowError
-from .events import Digest
+from .events import Digest, IterationCompleted, RecordedEvent
 from .faults import fault_point
 from .filestore import FileCheckpoints, default_location
 from .job import JobState
-from .liveness import STORING_EVENTS, StoredState, live_states, stored_states
+from .liveness import (
+    STORING_EVENTS,
+    StoredState,
+    live_states,
+    needed_by,
+    pruned_states,
+    stored_states,
+)
 from .logs import get_logger
 from .replay import replay
 from .store import EventStore
@@ -72,7 +86,9 @@ class StateStore:
         self.location = files.url
         self.inline_max_bytes = inline_max_bytes
         self._lock = threading.Lock()
-        self._pending: dict[Digest, int] = {}  # stored, its event not yet appended
+        # Stored (in the log's append or a file), its event not yet appended: a release
+        # keeps these, whatever the folded states say.
+        self._pending: dict[Digest, int] = {}
 
     # --- storing and loading ---
 
@@ -84,7 +100,9 @@ class StateStore:
             CheckpointUnstorable: the checkpoint store refused it `PUT_ATTEMPTS` times.
         """
         if len(blob) <= self.inline_max_bytes:
-            return StoredBlob(address=codec.digest(blob), size=len(blob), location=None)
+            address = codec.digest(blob)
+            self._hold(address)
+            return StoredBlob(address=address, size=len(blob), location=None)
         delay = PUT_BACKOFF_SECONDS
         for attempt in range(1, PUT_ATTEMPTS + 1):
             try:
@@ -108,14 +126,31 @@ class StateStore:
 
     def settled(self, stored: StoredBlob) -> None:
         """The event naming `stored` was appended (or will never be): it is the log's now."""
-        if stored.location is None:
-            return
+        self._unhold(stored.address)
+
+    @contextmanager
+    def holding(self, address: Digest) -> Iterator[None]:
+        """Keep a stored state from being released while an event naming it is appended
+        (e.g. a fork's child naming its parent's checkpoint)."""
+        self._hold(address)
+        try:
+            yield
+        finally:
+            self._unhold(address)
+
+    def _hold(self, address: Digest) -> None:
+        """Under the lock: a release deciding meanwhile either sees the hold, or has queued
+        its deletion before the append that stores the bytes again is queued."""
         with self._lock:
-            left = self._pending.get(stored.address, 0) - 1
+            self._pending[address] = self._pending.get(address, 0) + 1
+
+    def _unhold(self, address: Digest) -> None:
+        with self._lock:
+            left = self._pending.get(address, 0) - 1
             if left > 0:
-                self._pending[stored.address] = left
+                self._pending[address] = left
             else:
-                self._pending.pop(stored.address, None)
+                self._pending.pop(address, None)
 
     def get(self, address: Digest) -> bytes:
         """A state's bytes, checked against their address, wherever they are.
@@ -131,18 +166,30 @@ class StateStore:
         return self.files.get(address)
 
     def release(self, addresses: Iterable[Digest], releasing: JobState) -> None:
-        """Delete the checkpoint files among `addresses` that no job needs, once the event
-        that let them go is durable (call it after the append, with `releasing` the state of
-        the job that let them go, folded with it)."""
+        """Delete the states among `addresses` that no job needs — blob rows of the log and
+        checkpoint files — once the event that let them go is durable (call it after the
+        append, with `releasing` the state of the job that let them go, folded with it).
+
+        The same bytes may be needed by another job (two jobs with equal states, a fork
+        sharing its parent's checkpoint) or be stored again meanwhile: the decision and the
+        queueing of the log's deletion happen under the lock that `store` takes, so an
+        append storing them again is queued after the deletion and keeps them.
+        """
         wanted = list(addresses)
         if not wanted:
             return
-        others = (s for s in self.jobs() if s.job_id != releasing.job_id)
-        live = live_states([releasing, *others])
+        fault_point("checkpoint.releasing")  # crash tests: released on record, not deleted
         with self._lock:
-            for address in wanted:
-                if address not in live and address not in self._pending \
-                        and self.files.has(address):
+            others = (s for s in self.jobs() if s.job_id != releasing.job_id)
+            live = live_states([releasing, *others])
+            unneeded = [a for a in dict.fromkeys(wanted)
+                        if a not in live and a not in self._pending]
+            in_log = [a for a in unneeded if self.log.has_blob(a)]
+            if in_log:
+                self.log.delete_blobs(in_log)
+                log.info("checkpoint_blobs_deleted", addresses=in_log)
+            for address in unneeded:
+                if address not in in_log and self.files.has(address):
                     self.files.delete(address)
                     log.info("checkpoint_file_deleted", address=address)
 
@@ -150,8 +197,13 @@ class StateStore:
 
     def open_check(self, states: dict[str, JobState]) -> list[str]:
         """On open: delete files no job needs (orphans of a crash, releases a crash cut
-        short, unfinished writes); check each needed file's presence and size. Returns the
-        problems found, each naming its checkpoint (empty: all is well)."""
+        short, unfinished writes) and the log's blob rows of pruned checkpoints no job needs
+        (releases a crash cut short); check that each needed state is in the log or in a
+        file of its size. Returns the problems found, each naming what needs the state
+        (empty: all is well).
+
+        Only the folded states and one read of the blobs table's keys: no event is read
+        again (but the few that say where a state outside the log is, if any)."""
         for name in self.files.leftovers():
             self.files.remove_leftover(name)
         files = self.files.files()
@@ -159,11 +211,17 @@ class StateStore:
         for address in files.keys() - live:
             self.files.delete(address)
             log.info("checkpoint_file_swept", address=address)
-        return self._missing(states, files)
+        in_log = self.log.blob_digests()
+        orphans = sorted((pruned_states(states.values()) - live) & in_log)
+        if orphans:
+            self.log.delete_blobs(orphans)
+            log.info("checkpoint_blobs_swept", addresses=orphans)
+        return self._missing(states, files, in_log.difference(orphans))
 
-    def _missing(self, states: dict[str, JobState], files: dict[str, int]) -> list[str]:
-        problems = []
-        for ref in self._needed(states):
+    def _missing(self, states: dict[str, JobState], files: dict[str, int],
+                 in_log: set[Digest]) -> list[str]:
+        in_files, problems = self._outside_log(states, in_log)
+        for ref in in_files:
             size = files.get(ref.address)
             if size is None:
                 problems.append(f"{ref.describe()}: checkpoint file {ref.address} is missing "
@@ -173,19 +231,35 @@ class StateStore:
                                 f"{size} bytes, the log recorded {ref.size}")
         return problems
 
-    def _needed(self, states: dict[str, JobState]) -> list[StoredState]:
-        """The states in the checkpoint store that some job needs, as their events say."""
-        outside = {a for a in live_states(states.values()) if not self.log.has_blob(a)}
+    def _outside_log(self, states: dict[str, JobState], in_log: set[Digest]
+                     ) -> tuple[list[StoredState], list[str]]:
+        """The needed states not in the log: those in the checkpoint store, as their events
+        say, and a problem for each of the others (missing), naming what needs it (unless
+        the log was written from a recorded history, which has no states)."""
+        outside = live_states(states.values()) - in_log
         if not outside:  # every needed state is in the log: no need to read the events
-            return []
+            return [], []
         stored = stored_states(self.log.read_types(STORING_EVENTS))
-        return [ref for address, ref in stored.items() if address in outside]
+        needers = needed_by(states.values())
+        missing = [f"{needers[a]}: state {a} is missing from the log"
+                   for a in sorted(outside - stored.keys()) if self.log.records_states()]
+        return [ref for address, ref in stored.items() if address in outside], missing
 
-    def verify(self, states: dict[str, JobState]) -> tuple[int, str | None]:
-        """Check every needed checkpoint file: present, of its size, matching its address.
-        Returns (files checked, the first problem naming its checkpoint, or None)."""
+    def verify(self, states: dict[str, JobState], trajectories: dict[Digest, str] | None = None
+               ) -> tuple[int, str | None]:
+        """Check that every needed state is in the log or in a checkpoint file (present, of
+        its size, matching its address), and that every blob of recorded `trajectories`
+        (address: what names it) is in the log. Returns (files checked, the first problem
+        naming what needs the missing bytes, or None)."""
+        in_log = self.log.blob_digests()
+        for address, what in (trajectories or {}).items():
+            if address not in in_log:
+                return 0, f"{what}: blob {address} is missing from the log"
+        in_files, missing = self._outside_log(states, in_log)
+        if missing:
+            return 0, missing[0]
         checked = 0
-        for ref in self._needed(states):
+        for ref in in_files:
             size = self.files.size(ref.address)
             if size is None:
                 return checked, (f"{ref.describe()}: checkpoint file {ref.address} is missing "
@@ -216,5 +290,17 @@ def open_state_store(log: EventStore, log_path: str | os.PathLike[str], where: A
 def verify_files(log: EventStore, log_path: str | os.PathLike[str], where: Any = None
                  ) -> tuple[int, str | None]:
     """`StateStore.verify` for a log opened to read: (files checked, first problem)."""
-    states = replay(log.read_all())
-    return open_state_store(log, log_path, where, create=False).verify(states)
+    trajectories: dict[Digest, str] = {}
+    states = replay(_noting_trajectories(log.read_all(), trajectories))
+    return open_state_store(log, log_path, where, create=False).verify(states, trajectories)
+
+
+def _noting_trajectories(events: Iterable[RecordedEvent], found: dict[Digest, str]
+                         ) -> Iterator[RecordedEvent]:
+    """The events, noting each blob of recorded trajectories in `found` as they pass."""
+    for recorded in events:
+        event = recorded.event
+        if type(event) is IterationCompleted and event.trajectories_ref is not None:
+            found.setdefault(event.trajectories_ref, f"trajectories of iteration "
+                             f"{event.iteration} of job {recorded.stream!r}")
+        yield recorded

@@ -110,7 +110,8 @@ def _check(report: rp.CheckReport, until: int | None, as_json: bool) -> None:
 def verify(expect_head: str | None, db: Path, files: str | None, as_json: bool) -> None:
     """Check the log: hash chain, contiguous positions and versions, every event decodes
     against its schema version, blobs against their addresses, SQLite's integrity_check,
-    and every checkpoint file a job needs (present, of its size, matching its address).
+    that every state a job needs and every recorded trajectories' blob is there, and every
+    checkpoint file a job needs (present, of its size, matching its address).
 
     Exits 0 only when all hold, else 1 naming the first bad position. Prints the head hash:
     keep it, and pass it to a later verify with --expect-head.

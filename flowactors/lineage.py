@@ -20,7 +20,7 @@ import pykka
 from . import job as core
 from .actors import RecordLineage
 from .control import ForkRequest
-from .errors import CheckpointNotFound, FlowError, SpecError
+from .errors import BlobNotFound, CheckpointNotFound, FlowError, SpecError
 from .events import Event, ForkCreated, JobForked, JobSubmitted
 from .logs import get_logger
 from .replay import job_state
@@ -116,9 +116,13 @@ def plan(parent: core.JobState, child: core.JobState, spec: JobSpec,
 
 def _shared(log: Any, state_ref: str) -> list[bytes]:
     """The child's reference to its parent's checkpoint state, under the same address (no
-    copy): a state kept in the log is named again by the child's append; a checkpoint file
-    needs nothing, since the child's folded state keeps it live."""
-    return [log.get_blob(state_ref)] if log.has_blob(state_ref) else []
+    copy): a state kept in the log is stored again by the child's append (so a deletion the
+    parent's pruning queued just before is undone); a checkpoint file needs nothing, since
+    the child's folded state keeps it live."""
+    try:
+        return [log.get_blob(state_ref)]
+    except BlobNotFound:
+        return []
 
 
 def _forked(events: list[Event]) -> JobForked:
@@ -158,7 +162,13 @@ def fork_in_runtime(rt: Any, parent_id: str, *, at_iteration: int, job_id: str |
         events = plan(parent, child, spec, at_iteration)
         if not events:
             return job_id
-        rt._append_direct(child, events, blobs=_shared(rt.store, _forked(events).state_ref))
+        state_ref = _forked(events).state_ref
+        with rt.state_store.holding(state_ref):  # not released while the child is recorded
+            shared = _shared(rt.store, state_ref)
+            if not shared and not rt.state_store.files.has(state_ref):
+                raise CheckpointNotFound(f"checkpoint {at_iteration} of job {parent_id!r} "
+                                         f"was pruned meanwhile: its state is gone")
+            rt._append_direct(child, events, blobs=shared)
         log.info("job_forked", job_id=job_id, parent_id=parent_id, at_iteration=at_iteration)
     note_parent(rt, parent_id, ForkCreated(child_id=job_id, at_iteration=at_iteration))
     with rt._lock:

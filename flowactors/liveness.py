@@ -16,7 +16,8 @@ import msgspec
 from .events import CheckpointSaved, Digest, JobCompleted, JobPaused, RecordedEvent, event_tag
 from .job import JobState
 
-__all__ = ["STORING_EVENTS", "StoredState", "live_states", "referenced", "stored_states"]
+__all__ = ["STORING_EVENTS", "StoredState", "live_states", "needed_by", "pruned_states",
+           "referenced", "stored_states"]
 
 STORING_EVENTS = tuple(event_tag(t) for t in (CheckpointSaved, JobPaused, JobCompleted))
 """The tags of the events that can name a state kept in a checkpoint store."""
@@ -52,6 +53,30 @@ def live_states(states: Iterable[JobState]) -> set[Digest]:
     for state in states:
         live |= referenced(state)
     return live
+
+
+def pruned_states(states: Iterable[JobState]) -> set[Digest]:
+    """The states of pruned checkpoints (a folded state keeps them with their address): what
+    a crash between a pruning event and its deletion can leave behind."""
+    return {c.info.state_ref for state in states for c in state.checkpoints if c.info.pruned}
+
+
+def needed_by(states: Iterable[JobState]) -> dict[Digest, str]:
+    """Each live state with what needs it (the first found), for a problem to name it."""
+    found: dict[Digest, str] = {}
+    for state in states:
+        job = f"job {state.job_id!r}"
+        if state.final_state_ref is not None:
+            found.setdefault(state.final_state_ref,
+                             f"final state at iteration {state.iteration} of {job}")
+        for c in state.checkpoints:
+            if not c.info.pruned:
+                found.setdefault(c.info.state_ref,
+                                 f"checkpoint at iteration {c.info.iteration} of {job}")
+        if state.resume_point is not None:
+            found.setdefault(state.resume_point.state_ref, f"resume point at iteration "
+                             f"{state.resume_point.iteration} of {job}")
+    return found
 
 
 def stored_states(events: Iterable[RecordedEvent]) -> dict[Digest, StoredState]:

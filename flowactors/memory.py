@@ -65,23 +65,26 @@ class MemoryCheckpoints:
             self._data.pop(address, None)
         return True
 
+    def addresses(self) -> set[str]:
+        with self._lock:
+            return set(self._data)
+
 
 class MemoryEventLog:
-    """An `EventLog` in a list, with blobs referenced per stream as the SQLite log does."""
+    """An `EventLog` in a list, with its blobs in a `MemoryCheckpoints`, as the SQLite log
+    keeps them in its file (deleted by `delete_blobs` when no job needs them)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._rows: list[tuple[RecordedEvent, tuple[str, int, bytes]]] = []
         self._versions: dict[str, int] = {}
         self._head = (0, GENESIS_HASH)
-        self._refs: dict[str, set[str]] = {}  # digest -> the streams that reference it
         self.checkpoints = MemoryCheckpoints()
         self.path = "<memory>"
         self._closed = False
 
     def append(self, stream: str, events: Iterable[Event], expected_version: int, *,
-               blobs: Iterable[bytes] = (), releases: Iterable[str] = ()
-               ) -> list[RecordedEvent]:
+               blobs: Iterable[bytes] = ()) -> list[RecordedEvent]:
         events, encoded = encode_append(stream, expected_version, events)
         with self._lock:
             if self._closed:
@@ -106,14 +109,8 @@ class MemoryEventLog:
                 recorded.append(one)
             self._head = (position, prev)
             self._versions[stream] = current + len(events)
-            for digest in releases:
-                holders = self._refs.get(digest, set())
-                holders.discard(stream)
-                if not holders:
-                    self._refs.pop(digest, None)
-                    self.checkpoints.delete(digest)
             for blob in blobs:
-                self._refs.setdefault(self.checkpoints.put(blob), set()).add(stream)
+                self.checkpoints.put(blob)
         return recorded
 
     def append_many(self, appends: Sequence[tuple[str, Sequence[Event], int]]
@@ -166,13 +163,24 @@ class MemoryEventLog:
     def has_blob(self, digest: str) -> bool:
         return self.checkpoints.has(digest)
 
+    def records_states(self) -> bool:
+        return True
+
+    def blob_digests(self) -> set[str]:
+        return self.checkpoints.addresses()
+
+    def delete_blobs(self, digests: Iterable[str]) -> None:
+        """Delete at once (the SQLite log queues its deletion)."""
+        for digest in digests:
+            self.checkpoints.delete(digest)
+
     def verify(self, expected_head: str | None = None, *,
                progress: Callable[[int, int], None] | None = None) -> VerifyReport:
         """Recompute the chain from the encoded rows, and check they decode."""
         expected = bytes.fromhex(expected_head) if expected_head is not None else None
         with self._lock:
             rows = list(self._rows)
-            blobs = list(self._refs)
+            blobs = sorted(self.checkpoints.addresses())
         prev, found = GENESIS_HASH, expected == GENESIS_HASH
         versions: dict[str, int] = {}
         checked = 0

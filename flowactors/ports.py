@@ -62,8 +62,7 @@ class EventLog(Protocol):
     """
 
     def append(self, stream: str, events: Iterable[Event], expected_version: int, *,
-               blobs: Iterable[bytes] = (), releases: Iterable[str] = ()
-               ) -> list[RecordedEvent]:
+               blobs: Iterable[bytes] = ()) -> list[RecordedEvent]:
         """Append to a stream at `expected_version`; durable when it returns.
 
         Raises:

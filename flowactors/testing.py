@@ -125,7 +125,8 @@ def log_from_history(history: str | Path, db_path: str | Path) -> Path:
 
     Rows are written as the history recorded them — type, schema version (old ones stay old),
     data and time — with positions renumbered from 1 in file order and the hash chain computed
-    anew. A history carries no checkpoint states: the log has no blobs.
+    anew. A history carries no checkpoint states: the log has no blobs, and says so (so that
+    `verify` and an open do not ask for the states its jobs name).
 
     Raises:
         LogCorrupted: a line does not decode (naming file and line). FileExistsError: the log

@@ -20,7 +20,8 @@ from flowactors.control import ForkRequest
 from flowactors.cli import main
 from flowactors.events import ForkCreated, JobForked
 from flowactors.job import initial_state
-from flowactors.replay import job_state
+from flowactors.liveness import referenced
+from flowactors.replay import job_state, replay
 from flowactors.store import EventStore
 
 
@@ -35,15 +36,15 @@ def parent_log(tmp_path):
 
 
 def blob_rows(path, digest: str) -> tuple[int, set[str]]:
-    """(copies of the blob, streams that reference it)."""
+    """(copies of the blob, jobs whose folded state needs it)."""
     conn = sqlite3.connect(path)
     try:
         copies = conn.execute("SELECT count(*) FROM blobs WHERE digest = ?", (digest,)).fetchone()
-        streams = {s for (s,) in conn.execute(
-            "SELECT stream FROM blob_refs WHERE digest = ? AND op = 'ref'", (digest,))}
     finally:
         conn.close()
-    return copies[0], streams
+    with EventStore(path, mode="readonly") as store:
+        states = replay(store.read_all())
+    return copies[0], {job for job, state in states.items() if digest in referenced(state)}
 
 
 def test_a_fork_with_no_change_trains_to_the_parents_final_state(parent_log):

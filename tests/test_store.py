@@ -257,8 +257,6 @@ def test_reopening_continues_the_chain_and_the_versions(log_path: Path) -> None:
     "UPDATE events SET stream = 'other'",
     "DELETE FROM events WHERE position = 1",
     "DELETE FROM events",
-    "UPDATE blob_refs SET op = 'release'",
-    "DELETE FROM blob_refs",
     "UPDATE requests SET command = 'cancel'",
     "DELETE FROM requests",
     "UPDATE answers SET outcome = 'rejected'",
@@ -279,16 +277,20 @@ def test_update_and_delete_of_log_rows_raise_from_any_connection(
         assert reader.head()[0] == 1
 
 
-def test_blobs_cannot_be_updated_nor_deleted_while_unreleased(log_path: Path) -> None:
-    """A blob row is never updated, and deleted only after its references were released."""
+def test_blobs_cannot_be_updated_and_a_new_log_keeps_no_reference_table(
+        log_path: Path) -> None:
+    """A blob row is never updated; a new log has no `blob_refs` table (which blobs live is
+    derived from the folded states) and is of the current format."""
     with EventStore(log_path) as s:
         s.append("job-a", [JobStarted()], 0, blobs=[b"state"])
     conn = sqlite3.connect(log_path)
     with pytest.raises(sqlite3.DatabaseError, match="immutable"):
         conn.execute("UPDATE blobs SET data = x'00'")
-    with pytest.raises(sqlite3.DatabaseError, match="released"):
-        conn.execute("DELETE FROM blobs")
+    names = {n for n, in conn.execute("SELECT name FROM sqlite_master")}
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
     conn.close()
+    assert "blobs" in names and not {n for n in names if "blob_refs" in n}
+    assert version == FORMAT_VERSION == 2
     with EventStore(log_path, mode="readonly") as reader:
         assert reader.get_blob(codec.digest(b"state")) == b"state"
 
@@ -307,41 +309,36 @@ def test_blobs_are_stored_with_the_append_and_read_by_digest(store: EventStore) 
         store.get_blob("00" * 32)
 
 
-def test_a_released_blob_is_deleted_only_when_no_stream_references_it(
+def test_deleted_blobs_go_with_the_next_commit_and_an_append_queued_after_keeps_them(
         store: EventStore) -> None:
-    """A blob shared by two jobs survives one job's release and goes with the last one."""
+    """`delete_blobs` returns at once; the deletion is committed with (or before) the next
+    append, and is ordered before it: an append queued after it storing the same bytes
+    keeps them, one storing other bytes does not."""
     shared, own = b"same initial state", b"job-a only"
     d_shared, d_own = codec.digest(shared), codec.digest(own)
     store.append("job-a", [JobStarted()], 0, blobs=[shared, own])
-    store.append("job-b", [JobStarted()], 0, blobs=[shared])
-
-    prune = CheckpointsPruned(iterations=[1], released=[d_shared, d_own])
-    store.append("job-a", [prune], 1, releases=[d_shared, d_own])
-    assert store.has_blob(d_shared)  # job-b still references it
+    store.delete_blobs([d_shared, d_own])
+    store.append("job-b", [JobStarted()], 0, blobs=[shared])  # queued after the deletion
+    assert store.has_blob(d_shared)
     assert not store.has_blob(d_own)
     with pytest.raises(BlobNotFound):
         store.get_blob(d_own)
-
-    store.append("job-b", [CheckpointsPruned(iterations=[1])], 1, releases=[d_shared])
+    store.delete_blobs([d_shared, "00" * 32])  # an absent one is no problem
+    store.append("job-b", [iteration(2)], 1)
     assert not store.has_blob(d_shared)
+    assert store.blob_digests() == set()
     assert store.verify().ok
 
 
-def test_a_stream_can_reference_a_digest_again_after_releasing_it(store: EventStore) -> None:
-    """Refs and releases are ordered: the latest one of a stream for a digest counts."""
-    blob = b"checkpoint"
-    digest = codec.digest(blob)
-    store.append("job-a", [JobStarted()], 0, blobs=[blob])
-    store.append("job-a", [CheckpointsPruned(iterations=[1])], 1, releases=[digest])
-    assert not store.has_blob(digest)
-    store.append("job-a", [iteration(2)], 2, blobs=[blob])
-    assert store.get_blob(digest) == blob
-    # released and stored again by one append: it stays referenced
-    store.append("job-a", [iteration(3)], 3, blobs=[blob], releases=[digest])
-    assert store.has_blob(digest)
-    store.append("job-b", [CheckpointsPruned(iterations=[1])], 0, releases=[digest])
-    assert store.has_blob(digest)  # job-b never referenced it: job-a still does
-    assert store.verify().ok
+def test_a_deletion_with_no_append_after_it_is_committed_alone(log_path: Path) -> None:
+    """An idle writer commits a queued deletion by itself; a reader cannot delete."""
+    with EventStore(log_path) as s:
+        s.append("job-a", [JobStarted()], 0, blobs=[b"state"])
+        s.delete_blobs([codec.digest(b"state")])
+    with EventStore(log_path, mode="readonly") as reader:
+        assert reader.blob_digests() == set()
+        with pytest.raises(StoreUnavailable, match="only the owner"):
+            reader.delete_blobs([codec.digest(b"state")])
 
 
 # --- group commit under concurrency (property) ----------------------------------------------
@@ -512,17 +509,6 @@ def test_verify_and_get_blob_detect_an_edited_blob(tmp_path: Path) -> None:
         assert not report.ok and "blob" in report.problem
         with pytest.raises(LogCorrupted, match="address"):
             reader.get_blob(codec.digest(b"policy"))
-
-
-def test_verify_detects_a_referenced_blob_that_is_missing(tmp_path: Path) -> None:
-    """A blob row deleted behind the store's back, still referenced: verify() says so."""
-    path = tmp_path / "ok.db"
-    with EventStore(path) as s:
-        s.append("job-a", [JobStarted()], 0, blobs=[b"policy"])
-    bad = tampered_copy(path, tmp_path / "bad.db", "DELETE FROM blobs")
-    with EventStore(bad, mode="readonly") as reader:
-        report = reader.verify()
-    assert not report.ok and "missing" in report.problem
 
 
 # --- failures -------------------------------------------------------------------------------
@@ -760,11 +746,11 @@ def test_a_newer_format_version_is_refused_and_left_unchanged(tmp_path: Path) ->
     path = tmp_path / "new.db"
     filled_log(path)
     conn = sqlite3.connect(path)
-    conn.execute("PRAGMA user_version = 2")
+    conn.execute(f"PRAGMA user_version = {FORMAT_VERSION + 1}")
     conn.close()
     digest = sha256_of(path)
     for mode in ("owner", "readonly", "requester"):
-        with pytest.raises(LogCorrupted, match="format version 2, newer"):
+        with pytest.raises(LogCorrupted, match=f"format version {FORMAT_VERSION + 1}, newer"):
             EventStore(path, mode=mode)
     assert sha256_of(path) == digest
 
@@ -872,8 +858,8 @@ def test_a_broken_writer_fails_appends_and_still_closes(log_path: Path,
 def test_an_interrupted_caller_still_passes_the_wake_up_on() -> None:
     """A caller interrupted while waiting (Ctrl-C) waits for its own outcome, wakes the next
     caller of its batch, and only then raises the interrupt."""
-    mine = _Append("job-a", 0, [JobStarted()], [codec.encode_event(JobStarted())], [], [])
-    nxt = _Append("job-b", 0, [JobStarted()], [codec.encode_event(JobStarted())], [], [])
+    mine = _Append("job-a", 0, [JobStarted()], [codec.encode_event(JobStarted())], [])
+    nxt = _Append("job-b", 0, [JobStarted()], [codec.encode_event(JobStarted())], [])
     mine.next, mine.error = nxt, StoreUnavailable("not committed")
 
     def interrupt(signum: int, frame: object) -> None:

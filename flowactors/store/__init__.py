@@ -19,9 +19,10 @@ Every SQL statement of flowactors is in this package.
 
 from ..control import RequestCommand as Command
 from ..ports import Answer, Request, VerifyReport
+from .blobs import SqliteCheckpoints
 from .chain import GENESIS_HASH, row_hash
 from .connections import Owner, owner_of
-from .event_store import EventStore, Mode, SqliteCheckpoints, Synchronous
+from .event_store import EventStore, Mode, Synchronous
 from .history_rows import write_history
 from .open_check import OpenCheck
 from .schema import APPLICATION_ID, FORMAT_VERSION

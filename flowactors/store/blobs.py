@@ -1,49 +1,71 @@
-"""Content-addressed blobs (checkpoint states) in the log file, and which streams hold them.
+"""Content-addressed blobs (small checkpoint states, large recorded trajectories) in the log.
 
-A blob's key is the hex SHA-256 of its bytes. The `blob_refs` table records, per stream, the
-blobs an append stored (`ref`) and let go (`release`); a blob row is deleted once no stream
-references it (a trigger enforces it). All the SQL about blobs is here.
+A blob's key is the hex SHA-256 of its bytes; it is inserted in the transaction of the append
+whose event names it. Which blobs are still needed is not recorded here: it is derived from
+the jobs' folded states (`flowactors.checkpointing.StateStore`), which deletes the rest. All
+the SQL about blobs is here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ..codec import digest as content_digest
 from ..errors import BlobNotFound, LogCorrupted
 
-# A digest is referenced while some stream's latest ref/release row for it is a 'ref'.
-_LIVE_REF = """
-    SELECT r.digest, r.stream FROM blob_refs AS r
-    WHERE r.op = 'ref' {where}
-      AND NOT EXISTS (SELECT 1 FROM blob_refs AS l
-                      WHERE l.digest = r.digest AND l.stream = r.stream
-                        AND l.op = 'release' AND l.id > r.id)"""
-_REFERENCED = _LIVE_REF.format(where="AND r.digest = ?1") + " LIMIT 1"
-_MISSING = _LIVE_REF.format(
-    where="AND NOT EXISTS (SELECT 1 FROM blobs AS b WHERE b.digest = r.digest)") + " LIMIT 1"
 SELECT_DATA = "SELECT data FROM blobs WHERE digest = ?"
 SELECT_EXISTS = "SELECT 1 FROM blobs WHERE digest = ?"
+SELECT_DIGESTS = "SELECT digest FROM blobs"
+# A log written from a recorded history has its events and none of the states they name.
+NO_STATES = "INSERT OR REPLACE INTO meta (key, value) VALUES ('states_recorded', 'no')"
+SELECT_NO_STATES = "SELECT 1 FROM meta WHERE key = 'states_recorded' AND value = 'no'"
 _CHECK_CHUNK = 64
 
 
-def write_refs(conn: sqlite3.Connection, position: int, stream: str,
-               blobs: Sequence[tuple[str, bytes]], releases: Sequence[str]) -> None:
-    """Store an append's blobs and record its refs/releases (releases first, so a digest
-    both released and stored again by one append stays referenced); delete what no stream
-    references any more. Inside the append's transaction."""
-    if blobs:
-        conn.executemany("INSERT OR IGNORE INTO blobs (digest, size, data) VALUES (?, ?, ?)",
-                         [(d, len(b), b) for d, b in blobs])
-    conn.executemany(
-        "INSERT INTO blob_refs (position, stream, digest, op) VALUES (?, ?, ?, ?)",
-        [(position, stream, d, "release") for d in releases]
-        + [(position, stream, d, "ref") for d, _ in blobs])
-    for released in dict.fromkeys(releases):
-        if conn.execute(_REFERENCED, (released,)).fetchone() is None:
-            conn.execute("DELETE FROM blobs WHERE digest = ?", (released,))
+def insert(conn: sqlite3.Connection, blobs: Sequence[tuple[str, bytes]]) -> None:
+    """Store an append's blobs (idempotent: equal bytes are one row). Inside the append's
+    transaction."""
+    conn.executemany("INSERT OR IGNORE INTO blobs (digest, size, data) VALUES (?, ?, ?)",
+                     [(d, len(b), b) for d, b in blobs])
+
+
+def delete(conn: sqlite3.Connection, digests: Iterable[str]) -> None:
+    """Delete these blobs (absent ones are no-ops): the caller decided no job needs them."""
+    conn.executemany("DELETE FROM blobs WHERE digest = ?", [(d,) for d in digests])
+
+
+def write_batch(conn: sqlite3.Connection, appends: Sequence[Any],
+                deletes: Sequence[tuple[int, list[str]]]) -> None:
+    """A group commit's blobs: insert the accepted appends' and run the deletes (each with
+    the number of appends queued before it), in queue order, so a deletion queued before an
+    append storing the same bytes again runs first and the bytes stay."""
+    done = 0
+    for before, digests in [*deletes, (len(appends), [])]:
+        for item in appends[done:before]:
+            if item.blobs and not item.settled:  # a refused append is settled already
+                insert(conn, item.blobs)
+        if digests:
+            delete(conn, digests)
+        done = before
+
+
+def delete_alone(conn: sqlite3.Connection, deletes: Sequence[tuple[int, list[str]]]
+                 ) -> str | None:
+    """Run queued deletions in a transaction of their own; the error, if it failed."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        for _, digests in deletes:
+            delete(conn, digests)
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        return str(exc)
+    return None
 
 
 def put(conn: sqlite3.Connection, data: bytes) -> str:
@@ -52,18 +74,6 @@ def put(conn: sqlite3.Connection, data: bytes) -> str:
     conn.execute("INSERT OR IGNORE INTO blobs (digest, size, data) VALUES (?, ?, ?)",
                  (address, len(data), data))
     return address
-
-
-def delete_unreferenced(conn: sqlite3.Connection, digest: str) -> bool:
-    """Delete a blob that no stream references (records a release of the empty stream, which
-    never holds one, so the delete trigger allows it); return whether it is gone."""
-    if conn.execute(_REFERENCED, (digest,)).fetchone() is not None:
-        return False
-    if conn.execute(SELECT_EXISTS, (digest,)).fetchone() is not None:
-        conn.execute("INSERT INTO blob_refs (position, stream, digest, op) "
-                     "VALUES (0, '', ?, 'release')", (digest,))
-        conn.execute("DELETE FROM blobs WHERE digest = ?", (digest,))
-    return True
 
 
 def checked(path: str, digest: str, rows: list[tuple[bytes]]) -> bytes:
@@ -83,8 +93,9 @@ def checked(path: str, digest: str, rows: list[tuple[bytes]]) -> bytes:
 
 
 def check_all(conn: sqlite3.Connection) -> tuple[int, str | None]:
-    """Check every blob against its address and size, and that every referenced blob
-    exists: (blobs checked, the first problem or None)."""
+    """Check every blob against its address and size: (blobs checked, the first problem or
+    None). Whether every needed blob exists is the folded states' question
+    (`flowactors.checkpointing.StateStore.verify`)."""
     checked_ = 0
     last = ""
     while True:
@@ -101,9 +112,6 @@ def check_all(conn: sqlite3.Connection) -> tuple[int, str | None]:
             last = digest_
         if len(rows) < _CHECK_CHUNK:
             break
-    missing = conn.execute(_MISSING).fetchone()
-    if missing is not None:
-        return checked_, f"blob {missing[0]} is referenced by stream {missing[1]!r} but missing"
     return checked_, None
 
 
@@ -125,5 +133,6 @@ class SqliteCheckpoints:
         return self._store.has_blob(address)
 
     def delete(self, address: str) -> bool:
-        return self._store._call_in_writer(
-            lambda conn: delete_unreferenced(conn, address)).result()
+        """Delete at once (the caller decided nothing needs the bytes); always True."""
+        self._store._call_in_writer(lambda conn: delete(conn, [address])).result()
+        return True

@@ -1,9 +1,10 @@
 """`EventStore`: one open log, the facade over the store's parts.
 
-One SQLite file holds everything. Rows are never updated or deleted: triggers in the file
-itself raise on UPDATE and DELETE (`schema`), so the rule holds for any connection, not only
-ours. Each event row carries a SHA-256 chained over the previous row's hash and all its own
-columns (`chain`), so `verify` (`integrity`) detects an edited, removed or reordered row.
+One SQLite file holds everything. Event rows are never updated or deleted: triggers in the
+file itself raise on UPDATE and DELETE (`schema`), so the rule holds for any connection, not
+only ours; only blob rows no job needs any more are deleted (`delete_blobs`). Each event
+row carries a SHA-256 chained over the previous row's hash and all its own columns
+(`chain`), so `verify` (`integrity`) detects an edited, removed or reordered row.
 
 Ownership: one owner (`connections.OwnerLock`) writes events, through the group-commit
 `writer`. Read-only opens read freely (`reader`), even while the owner writes. A "requester"
@@ -118,7 +119,7 @@ class EventStore:
                 raise StoreUnavailable(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
             check_schema(self.path, conn)
             if migrate(conn):
-                log.info("log_migrated", path=self.path, change="inbox takes forks")
+                log.info("log_migrated", path=self.path, format_version=FORMAT_VERSION)
             head = self._reader.head() if exists else (0, GENESIS_HASH)
         except sqlite3.Error as exc:
             conn.close()
@@ -204,25 +205,22 @@ class EventStore:
     # --- appending (owner) ---
 
     def append(self, stream: str, events: Iterable[Event], expected_version: int, *,
-               blobs: Iterable[bytes] = (), releases: Iterable[str] = ()
-               ) -> list[RecordedEvent]:
+               blobs: Iterable[bytes] = ()) -> list[RecordedEvent]:
         """Append events to a stream, durably; return them as recorded.
 
         Args:
             stream: the job id; a non-empty string.
             events: at least one event.
             expected_version: the stream's version this append was decided on (0: new stream).
-            blobs: payloads to store in the same transaction; the stream references each by
-                its digest (`codec.digest`).
-            releases: digests the stream no longer references; a blob that no stream references
-                any more is deleted in the same transaction.
+            blobs: payloads to store in the same transaction, each under its digest
+                (`codec.digest`), which the events name. They stay until `delete_blobs`.
 
         Raises:
             ConcurrencyConflict: the stream is not at `expected_version`; nothing was written.
             StoreUnavailable: the transaction failed (e.g. disk full) or the store is closed.
             ValueError, TypeError: bad arguments.
         """
-        return self._submit(stream, events, expected_version, blobs, releases).result()
+        return self._submit(stream, events, expected_version, blobs).result()
 
     def append_many(self, appends: Sequence[tuple[str, Sequence[Event], int]]
                     ) -> list[list[RecordedEvent] | FlowError]:
@@ -243,14 +241,11 @@ class EventStore:
         return results
 
     def _submit(self, stream: str, events: Iterable[Event], expected_version: int,
-                blobs: Iterable[bytes] = (), releases: Iterable[str] = ()) -> _Append:
+                blobs: Iterable[bytes] = ()) -> _Append:
         """Queue an append without waiting; `.result()` waits (the two halves of `append`)."""
         events, encoded = encode_append(stream, expected_version, events)
         blob_rows = [(content_digest(blob), bytes(blob)) for blob in blobs] if blobs else []
-        released = list(releases) if releases else []
-        if released and not all(type(d) is str for d in released):
-            raise TypeError(f"releases of stream {stream!r} must be digests (str)")
-        item = _Append(stream, expected_version, events, encoded, blob_rows, released)
+        item = _Append(stream, expected_version, events, encoded, blob_rows)
         self._owner_writer("append").submit(item)
         return item
 
@@ -365,7 +360,8 @@ class EventStore:
                progress: Callable[[int, int], None] | None = None) -> VerifyReport:
         """Check the whole log: the hash chain over every column of every event, gap-free
         positions, contiguous versions per stream, that every event decodes, every blob matches
-        its address and every referenced blob exists, and SQLite's integrity_check.
+        its address, and SQLite's integrity_check. (That every blob a job needs exists is
+        checked from the folded states: `flowactors.checkpointing.verify_files`.)
 
         Args:
             expected_head: a head hash recorded earlier (e.g. printed by a previous verify). The
@@ -392,10 +388,32 @@ class EventStore:
         """Whether a blob is stored under this digest."""
         return bool(self._reader.query(blobs.SELECT_EXISTS, (digest,)))
 
+    def records_states(self) -> bool:
+        """False for a log written from a recorded history: the states its events name were
+        never stored in it (`history_rows`)."""
+        return not self._reader.query(blobs.SELECT_NO_STATES, ())
+
+    def blob_digests(self) -> set[str]:
+        """The digest of every blob stored (one read of the blobs table's key index)."""
+        return {digest for digest, in self._reader.query(blobs.SELECT_DIGESTS, ())}
+
+    def delete_blobs(self, digests: Iterable[str]) -> None:
+        """Delete blobs no job needs (`checkpointing.StateStore.release` decides), without
+        waiting: with the next group commit, before any append queued after this call.
+
+        Raises:
+            StoreUnavailable: not the owner, or closed. TypeError: a digest is not a str.
+        """
+        wanted = list(digests)
+        if not all(type(d) is str for d in wanted):
+            raise TypeError("blob digests must be str")
+        if wanted:
+            self._owner_writer("delete blobs").delete_blobs(wanted)
+
     @property
-    def checkpoints(self) -> SqliteCheckpoints:
+    def checkpoints(self) -> blobs.SqliteCheckpoints:
         """The blobs of this log as a `CheckpointStore` (writes: owner only)."""
-        return SqliteCheckpoints(self)
+        return blobs.SqliteCheckpoints(self)
 
     # --- the inbox ---
 

@@ -2,7 +2,8 @@
 
 The rows keep what the history recorded — stream, version, type, schema version (old ones
 stay old), time and data — with positions numbered from 1 in order and the hash chain computed
-anew, as the writer would have.
+anew, as the writer would have. A history carries no states: the log says so in its `meta`
+(`states_recorded` = `no`), so that the states its jobs name are not asked for.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import sqlite3
 from collections.abc import Iterable
 
+from .blobs import NO_STATES
 from .chain import GENESIS_HASH, row_hash
 from .event_store import EventStore
 
@@ -38,6 +40,7 @@ def write_history(path: str | os.PathLike[str], rows: Iterable[Row]) -> int:
             conn.executemany("INSERT INTO events (position, stream, version, type, "
                              "schema_version, recorded_at, data, hash) "
                              "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", values)
+            conn.execute(NO_STATES)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

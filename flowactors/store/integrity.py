@@ -20,7 +20,7 @@ from ..ports import VerifyReport
 from . import blobs
 from .chain import EVENT_COLUMNS, GENESIS_HASH, row_hash
 from .reader import READ_CHUNK
-from .schema import SELECT_HEAD, SMALL_TABLES, parse_time
+from .schema import SELECT_HEAD, parse_time, small_tables
 
 Progress = Callable[[int, int], None]
 
@@ -106,7 +106,7 @@ class Pass:
     def quick_checks(self) -> str | None:
         """Every page (quick_check) and the small tables' indexes entry by entry."""
         problem = self.pragma("quick_check")
-        for table in SMALL_TABLES:
+        for table in small_tables(self.conn):
             problem = problem or self.pragma(f"integrity_check({table})")
         return problem
 

@@ -16,11 +16,10 @@ Only a log dominated by much longer finished jobs favours (stream, version). Per
 use the same index with point lookups (version = ? AND stream = ?) over consecutive versions
 (see `reader.SELECT_STREAM`): a range on `version` would scan every stream's entries.
 
-The inbox's `requests.args` column and the `fork` command came later, without a new format
-version: a log without them is still format 1 and opens everywhere. Its owner adds both when
-it opens it (`migrate`, one transaction, recorded in `meta`); readers never write, so until an
-owner of this version opened it a log's inbox takes the three control commands only. An older
-owner of a migrated log reads the requests it knows and rejects a fork as an unknown command.
+Format 2 has no `blob_refs` (which blobs are live is derived from the folded states) and an
+inbox that takes forks (`requests.args`, the `fork` command). A format 1 log opens everywhere;
+its owner migrates it when it opens it (`migrate`, one transaction); readers never write, so
+until an owner of this version opened it a log's inbox takes the three control commands only.
 
 Not guarded: a foreign connection's INSERT OR REPLACE deletes the row it replaces without
 firing delete triggers (unless it enables recursive_triggers). A BEFORE INSERT trigger against
@@ -41,14 +40,22 @@ from ..control import REQUEST_COMMANDS
 from ..faults import fault_point
 from ..errors import LogCorrupted
 
-FORMAT_VERSION = 1
-"""The layout of the file; stored in `meta` and in `PRAGMA user_version`."""
+FORMAT_VERSION = 2
+"""The layout of the file; stored in `meta` and in `PRAGMA user_version`.
+
+1: a `blob_refs` table recorded which streams referenced each blob, and a trigger let a blob
+row go only once no stream did. 2: no `blob_refs`: which blobs are live is derived from the
+jobs' folded states (`flowactors.liveness`), as for checkpoint files. An owner opening a
+format 1 log migrates it in one transaction (`migrate`): it drops that trigger and leaves
+`blob_refs` inert (append-only, never written again); readers read both formats."""
 APPLICATION_ID = 0x466C4163  # b"FlAc": PRAGMA application_id, bytes 68..71 of the file header
 OUTCOMES = ("applied", "rejected")
 
-_APPEND_ONLY_TABLES = ("events", "blob_refs", "requests", "answers")
-SMALL_TABLES = ("meta", "blobs", "blob_refs", "requests", "answers")
-_REQUIRED_TABLES = frozenset({"meta", "events", "blobs", "blob_refs", "requests", "answers"})
+_APPEND_ONLY_TABLES = ("events", "requests", "answers")
+_TABLES = ("meta", "events", "blobs", "requests", "answers")
+_SMALL_TABLES = ("meta", "blobs", "requests", "answers")
+_V1_TABLE = "blob_refs"  # of format 1 logs only: inert once migrated
+_V1_DELETE_TRIGGER = "blobs_delete_only_unreferenced"
 
 
 def _one_of(values: tuple[str, ...]) -> str:
@@ -72,20 +79,6 @@ _TRIGGERS = [
     ),
     """CREATE TRIGGER blobs_no_update BEFORE UPDATE ON blobs
        BEGIN SELECT RAISE(ABORT, 'flowactors: blobs are immutable (UPDATE forbidden)'); END""",
-    # A blob row goes only once some stream released it and no stream references it any more.
-    """CREATE TRIGGER blobs_delete_only_unreferenced BEFORE DELETE ON blobs
-       WHEN NOT EXISTS (SELECT 1 FROM blob_refs
-                        WHERE digest = OLD.digest AND op = 'release')
-         OR EXISTS (SELECT 1 FROM blob_refs AS r
-                    WHERE r.digest = OLD.digest AND r.op = 'ref'
-                      AND NOT EXISTS (SELECT 1 FROM blob_refs AS l
-                                      WHERE l.digest = r.digest AND l.stream = r.stream
-                                        AND l.op = 'release' AND l.id > r.id))
-       BEGIN SELECT RAISE(ABORT,
-         'flowactors: a blob is deleted only once released and referenced by no stream'); END""",
-    """CREATE TRIGGER blob_refs_check_op BEFORE INSERT ON blob_refs
-       WHEN NEW.op NOT IN ('ref', 'release')
-       BEGIN SELECT RAISE(ABORT, 'flowactors: blob_refs.op is ref or release'); END""",
     _REQUESTS_CHECK_COMMAND,
     f"""CREATE TRIGGER answers_check_outcome BEFORE INSERT ON answers
        WHEN NEW.outcome NOT IN ({_one_of(OUTCOMES)})
@@ -114,12 +107,6 @@ def create_schema(conn: sqlite3.Connection) -> None:
                                   unique=True)
         db.create_table("blobs", {"digest": str, "size": int, "data": bytes}, pk="digest",
                         not_null={"size", "data"})
-        db.create_table(
-            "blob_refs",
-            {"id": int, "position": int, "stream": str, "digest": str, "op": str},
-            pk="id", not_null={"position", "stream", "digest", "op"},
-        )
-        db["blob_refs"].create_index(["digest", "stream", "op"], index_name="blob_refs_digest")
         db.create_table(
             "requests",
             {"id": int, "job_id": str, "command": str, "requested_at": str, "args": bytes},
@@ -151,27 +138,6 @@ def takes_forks(conn: sqlite3.Connection) -> bool:
     trigger = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'trigger' "
                            "AND name = 'requests_check_command'").fetchone()
     return has_args is not None and trigger is not None and "'fork'" in trigger[0]
-
-
-def migrate(conn: sqlite3.Connection) -> bool:
-    """Let an older log's inbox take forks: add `requests.args` and replace the command
-    trigger, in one transaction (the owner's, on open). Returns whether anything changed."""
-    if takes_forks(conn):
-        return False
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        if conn.execute("SELECT 1 FROM pragma_table_info('requests') WHERE name = 'args'"
-                        ).fetchone() is None:
-            conn.execute("ALTER TABLE requests ADD COLUMN args BLOB")
-        conn.execute("DROP TRIGGER IF EXISTS requests_check_command")
-        conn.execute(_REQUESTS_CHECK_COMMAND)
-        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                     (_MIGRATED_INBOX, now_iso()))
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    return True
 
 
 def create_log_file(path: str) -> None:
@@ -302,7 +268,51 @@ def check_schema(path: str, conn: sqlite3.Connection) -> None:
         _check_format_version(path, int(meta.get("format_version", "0")))
     except ValueError:
         raise LogCorrupted(f"{path}: meta.format_version is not a number") from None
-    missing = _REQUIRED_TABLES - tables
+    required = {*_TABLES, _V1_TABLE} if user_version == 1 else set(_TABLES)
+    missing = required - tables
     if missing:
         raise LogCorrupted(f"{path} is not a complete flowactors log: missing tables "
                            f"{', '.join(sorted(missing))}")
+
+
+def small_tables(conn: sqlite3.Connection) -> list[str]:
+    """The tables whose indexes a check walks entry by entry (with an old log's `blob_refs`)."""
+    old = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                       (_V1_TABLE,)).fetchone()
+    return [*_SMALL_TABLES, _V1_TABLE] if old else list(_SMALL_TABLES)
+
+
+def migrate(conn: sqlite3.Connection) -> bool:
+    """Bring a format 1 log to this format, in one transaction (the owner, on open).
+
+    Format 1 kept a `blob_refs` table and a trigger refusing to delete a blob row some stream
+    still referenced there. Blob rows are now deleted by what the folded states need, and
+    `blob_refs` is never written again, so the trigger would refuse every delete: it goes.
+    The table stays, inert, still append-only. Its inbox gains `requests.args` and a command
+    trigger that lets `fork` in (recorded in `meta`). The version is bumped so that an older
+    flowactors, which would read `blob_refs` as current, refuses the file instead.
+    Returns whether it migrated.
+    """
+    old_format = conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    if not old_format and takes_forks(conn):
+        return False
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if old_format:
+            conn.execute(f"DROP TRIGGER IF EXISTS {_V1_DELETE_TRIGGER}")
+            conn.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'format_version'",
+                         (str(FORMAT_VERSION),))
+        if not takes_forks(conn):
+            if conn.execute("SELECT 1 FROM pragma_table_info('requests') WHERE name = 'args'"
+                            ).fetchone() is None:
+                conn.execute("ALTER TABLE requests ADD COLUMN args BLOB")
+            conn.execute("DROP TRIGGER IF EXISTS requests_check_command")
+            conn.execute(_REQUESTS_CHECK_COMMAND)
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                         (_MIGRATED_INBOX, now_iso()))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return True

@@ -84,18 +84,17 @@ class _Append(_Queued):
     SQLite. A caller therefore always passes the wake-up on, even when interrupted.
     """
 
-    __slots__ = ("stream", "expected", "events", "encoded", "blobs", "releases", "done",
+    __slots__ = ("stream", "expected", "events", "encoded", "blobs", "done",
                  "position", "recorded_at", "hashes", "error", "next", "settled")
 
     def __init__(self, stream: str, expected: int, events: list[Event],
-                 encoded: list[tuple[str, int, bytes]], blobs: list[tuple[str, bytes]],
-                 releases: list[str]) -> None:
+                 encoded: list[tuple[str, int, bytes]], blobs: list[tuple[str, bytes]]
+                 ) -> None:
         self.stream = stream
         self.expected = expected
         self.events = events
         self.encoded = encoded
         self.blobs = blobs
-        self.releases = releases
         self.done = threading.Lock()  # held until the writer settled this append
         self.done.acquire()
         self.position = 0
@@ -159,6 +158,16 @@ class _Call(_Queued):
         return self.value
 
 
+class _Delete:
+    """Blobs to delete, queued without waiting: they ride the next group commit, ordered
+    before the appends queued after them (`blobs.write_batch`)."""
+
+    __slots__ = ("digests",)
+
+    def __init__(self, digests: list[str]) -> None:
+        self.digests = digests
+
+
 _STOP = object()
 
 
@@ -216,6 +225,13 @@ class Writer:
                 raise self.not_writable("append")
             self._queue.put(item)
 
+    def delete_blobs(self, digests: list[str]) -> None:
+        """Queue the deletion of these blobs; returns at once (see `_Delete`)."""
+        with self._gate:
+            if self.stopped:
+                raise self.not_writable("delete blobs")
+            self._queue.put(_Delete(digests))
+
     def call(self, fn: Callable[[sqlite3.Connection], Any]) -> _Call:
         """Queue `fn(connection)` to run in the writer thread, between batches."""
         call = _Call(fn)
@@ -244,19 +260,24 @@ class Writer:
                 except queue.Empty:
                     pass
                 appends: list[_Append] = []
+                deletes: list[tuple[int, list[str]]] = []  # (appends queued before, digests)
                 for item in batch:
-                    if type(item) is _Append:
+                    kind = type(item)
+                    if kind is _Append:
                         appends.append(item)
                         continue
-                    if appends:  # keep queue order around calls
-                        self._commit(appends)
-                        appends = []
+                    if kind is _Delete:
+                        deletes.append((len(appends), item.digests))
+                        continue
+                    if appends or deletes:  # keep queue order around calls
+                        self._commit(appends, deletes)
+                        appends, deletes = [], []
                     self._wake_settled()
                     if item is _STOP:
                         return
                     self._run_call(item)
-                if appends:
-                    self._commit(appends)
+                if appends or deletes:
+                    self._commit(appends, deletes)
         except BaseException as exc:  # a bug: fail everyone rather than hang them
             log.exception("store_writer_crashed", path=self.path)
             with self._gate:
@@ -270,7 +291,7 @@ class Writer:
                 except queue.Empty:
                     break
             for item in leftovers:
-                if item is not _STOP and not item.settled:
+                if item is not _STOP and type(item) is not _Delete and not item.settled:
                     item.refuse(error)
 
     def _wake_settled(self) -> None:
@@ -330,8 +351,8 @@ class Writer:
                 hashes.append(prev.hex())
         return params, (position, prev)
 
-    def _commit(self, appends: list[_Append]) -> None:
-        """Write the accepted appends of one batch in one transaction.
+    def _commit(self, appends: list[_Append], deletes: list[tuple[int, list[str]]]) -> None:
+        """Write the accepted appends of one batch, and its blob deletes, in one transaction.
 
         The callers of the previous batch are woken only once this batch's rows are built and
         its transaction begun: they then run (and queue their next appends) while this thread
@@ -341,10 +362,14 @@ class Writer:
         accepted, staged = self._accept(appends)
         if not accepted:
             self._wake_settled()
+            if deletes:  # the writer was idle, or every append refused: commit them alone
+                problem = blobs.delete_alone(self.conn, deletes)
+                if problem is not None:  # left for the next open's sweep
+                    log.warning("blob_delete_failed", path=self.path, error=problem)
             return
         now = datetime.now(timezone.utc)
         params, head = self._stamp(accepted, now.isoformat(timespec="microseconds"))
-        with_blobs = [item for item in accepted if item.blobs or item.releases]
+        with_blobs = bool(deletes) or any(item.blobs for item in accepted)
         conn = self.conn
         n_rows = len(params) >> 3
         try:
@@ -358,9 +383,7 @@ class Writer:
                 self._wake_settled()
                 for start in range(0, len(params), INSERT_MAX_ROWS << 3):
                     insert_rows(conn, params[start:start + (INSERT_MAX_ROWS << 3)])
-                for item in with_blobs:
-                    blobs.write_refs(conn, item.position, item.stream, item.blobs,
-                                     item.releases)
+                blobs.write_batch(conn, appends, deletes)
                 # crash tests: inside the transaction, before its commit
                 fault_point("store.commit_with_blobs" if with_blobs else "store.commit_large")
                 conn.execute("COMMIT")
