@@ -145,7 +145,7 @@ def status(job: str | None, db: Path, as_json: bool) -> None:
         echo_json(LogStatus(log=str(db), owner=owner, jobs=views))
         return
     click.echo(status_rows(views) if views else f"no jobs in {db}")
-    click.echo(owner_line(db, owner))
+    click.echo(owner_line(db, owner, views))
 
 
 def _history_line(recorded: Any) -> str:

@@ -10,11 +10,9 @@ import click
 from . import remote
 from . import replay as rp
 from .cli_options import db_option
-from .console import Failure, resolve_job
+from .console import EXIT_UNANSWERED, Failure, resolve_job
 
 __all__ = ["EXIT_UNANSWERED", "cancel", "pause", "resume"]
-
-EXIT_UNANSWERED = 3
 
 
 def _control_command(name: str, done: str, summary: str, example: str) -> click.Command:

@@ -9,12 +9,10 @@ from typing import Any
 import click
 import msgspec
 
-from . import lineage
+from . import lineage, remote
 from . import replay as rp
 from . import trajectories as recorded
-from .console import Failure, echo_json, number, resolve_job, table
-from .errors import StoreLocked
-from .store import EventStore
+from .console import EXIT_UNANSWERED, Failure, echo_json, number, resolve_job, table
 
 __all__ = ["fork", "trajectories"]
 
@@ -74,14 +72,19 @@ def _short(text: str, width: int = 40) -> str:
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
               help="Change a task option (VALUE is JSON, else a string); repeatable.")
 @click.option("--id", "child_id", help="The new job's id (default: a new uuid).")
+@click.option("--timeout", type=click.FloatRange(min=0.0), default=30.0, show_default=True,
+              help="Seconds to wait for the owning runtime's answer.")
 @_db
 def fork(job: str, at_iteration: int, settings: tuple[str, ...], options: tuple[str, ...],
-         child_id: str | None, db: Path) -> None:
+         child_id: str | None, timeout: float, db: Path) -> None:
     """Fork JOB at its checkpoint N into a new job with changed settings; print its id.
 
-    The new job starts from that checkpoint's trainer state (shared, not copied) and is
-    queued: it runs when a runtime opens the log. Both jobs record the lineage. Needs the log
-    not to be owned by a running runtime (there, call `Runtime.fork`).
+    The new job starts from that checkpoint's trainer state (shared, not copied); both jobs
+    record the lineage. The settings are checked first: a bad one writes nothing. While a
+    runtime owns the log, the fork is a request in its inbox: the runtime forks and the
+    child runs there; exit 0 once applied, 1 with the reason when rejected, 3 when
+    unanswered within --timeout. With no runtime running, the child is recorded directly
+    and queued: it runs when a runtime opens the log.
 
     \b
     Example:
@@ -94,14 +97,14 @@ def fork(job: str, at_iteration: int, settings: tuple[str, ...], options: tuple[
     config = _changed(msgspec.to_builtins(parent.spec.config), settings, "--set")
     task_options = _changed(dict(parent.spec.task_options), options, "--option") \
         if options else None
-    try:
-        store = EventStore(db, mode="owner")
-    except StoreLocked as exc:
-        raise Failure(f"{exc}: fork from that runtime (Runtime.fork)") from None
-    with store:
-        new_id = lineage.fork_directly(store, job, at_iteration=at_iteration, job_id=child_id,
-                                       config=config, task_options=task_options)
-    click.echo(new_id)
+    request = lineage.fork_request(parent, at_iteration=at_iteration, job_id=child_id,
+                                   config=config, task_options=task_options)
+    outcome = remote.fork(db, job, request, timeout=timeout)
+    if outcome.outcome == "unanswered":
+        raise Failure(outcome.reason, EXIT_UNANSWERED)
+    if outcome.outcome == "rejected":
+        raise Failure(f"fork rejected: {outcome.reason}")
+    click.echo(request.job_id)
 
 
 def _changed(base: dict[str, Any], pairs: tuple[str, ...], flag: str) -> dict[str, Any]:

@@ -36,6 +36,8 @@ from .store import EventStore, Owner
 from .views import JobStatus, JobView
 
 EXIT_FAILED = 1
+EXIT_UNANSWERED = 3
+"""The exit code of a request the owning runtime did not answer in time."""
 T = TypeVar("T")
 _json_encoder = msgspec.json.Encoder()
 
@@ -215,11 +217,15 @@ def without_owner(view: JobView, owner: Owner | None) -> JobView:
     return msgspec.structs.replace(view, waiting=ORPHANED)
 
 
-def owner_line(log: object, owner: Owner | None) -> str:
-    if owner is None:
-        return (f"no runtime owns {log} now: jobs marked * resume when the log is opened "
-                f"(`flowactors demo --db {log}` or `Runtime({str(log)!r})`)")
-    return f"{log} is owned by pid {owner.pid} on {owner.host} since {moment(owner.since)}"
+def owner_line(log: object, owner: Owner | None, views: list[JobView]) -> str:
+    """The last line of `status`: who owns the log; when nobody does and some job waits for
+    an owner, how it resumes."""
+    if owner is not None:
+        return f"{log} is owned by pid {owner.pid} on {owner.host} since {moment(owner.since)}"
+    if not any(v.waiting == ORPHANED for v in views):
+        return f"no runtime owns {log} now"
+    return (f"no runtime owns {log} now: jobs marked * resume when the log is opened "
+            f"(`flowactors demo --db {log}` or `Runtime({str(log)!r})`)")
 
 
 def status_rows(views: list[JobView]) -> str:

@@ -12,6 +12,7 @@ what the demo trains); the live display is `demo_display`. This module is the co
 
 from __future__ import annotations
 
+import importlib.util
 import shlex
 import shutil
 import sys
@@ -30,7 +31,7 @@ from .demo_plan import (
     DEFAULT_JOBS,
     JOB_PREFIX,
     LEARNED_MIN,
-    TORCH_TASK,
+    POLICIES,
     RunPlan,
     baseline_score,
     demo_specs,
@@ -87,11 +88,13 @@ def _program() -> str:
 @click.option("--plain", is_flag=True,
               help="Plain lines (one per checkpoint) instead of the live display; the default "
                    "when standard output is not a terminal.")
-@click.option("--torch", "use_torch", is_flag=True,
-              help=f"Train a PyTorch policy ({TORCH_TASK}; needs flowactors[torch]).")
+@click.option("--policy", type=click.Choice(sorted(POLICIES)), default=None,
+              help=f"What learns in a fresh run: a PyTorch network ({POLICIES['torch']}; the "
+                   f"default when PyTorch is installed) or a linear softmax in pure Python "
+                   f"({POLICIES['linear']}).")
 @click.pass_context
 def demo(ctx: click.Context, db: Path, fresh: bool, n_jobs: int, n_iterations: int,
-         plain: bool, use_torch: bool) -> None:
+         plain: bool, policy: str | None) -> None:
     """Train several real jobs concurrently, with live progress; Ctrl-C and run again to resume.
 
     Each job learns, by GRPO, which tool (calculator, lookup, converter, text) answers a typed
@@ -106,17 +109,30 @@ def demo(ctx: click.Context, db: Path, fresh: bool, n_jobs: int, n_iterations: i
     Example:
         flowactors demo
         flowactors demo --jobs 2 --iterations 20 --db quick.db
-        flowactors demo --torch --db torch.db
+        flowactors demo --policy linear --db linear.db
     """
     out = sys.stdout
+    task = _task_of(policy)  # before any file is touched: a missing torch creates no log
     with stderr_logs():
         try:
             plan = plan_run(db, fresh=fresh, n_jobs=n_jobs, n_iterations=n_iterations,
-                            task=TORCH_TASK if use_torch else "toolchoice")
+                            task=task)
         except FlowError as exc:
             raise Failure(f"{exc} (pass --db to use another file)") from None
         code = _run(plan, out, live=not plain and out.isatty())
     ctx.exit(code)
+
+
+def _task_of(policy: str | None) -> str:
+    """The task a fresh run trains: the PyTorch policy when asked for or installed."""
+    has_torch = importlib.util.find_spec("torch") is not None
+    if policy == "torch" and not has_torch:
+        raise Failure("--policy torch needs PyTorch: pip install -e '.[torch]' in a checkout "
+                      "(or --policy linear)")
+    if policy is None and not has_torch:
+        click.echo("PyTorch is not installed: a fresh run trains the linear policy "
+                   "(--policy torch needs pip install -e '.[torch]').", err=True)
+    return POLICIES[policy or ("torch" if has_torch else "linear")]
 
 
 def _run(plan: RunPlan, out: TextIO, *, live: bool) -> int:
@@ -205,7 +221,7 @@ def _summary(plan: RunPlan, views: dict[str, JobView], elapsed: float, out: Text
     echo(f"\nDone in {elapsed:.1f} s. Held-out success (the greedy policy on queries never "
          f"trained on):\n", file=out)
     echo(f"  {'job':<8} {'seed':>4} {'lr':>5} {'iterations':>10}  {'before':>6}  {'after':>6}"
-         f"  {'recoveries':>10}  result", file=out)
+         f"  {'resumed':>10}  result", file=out)
     passed = 0
     for job_id, view in views.items():
         spec = plan.specs[job_id]
@@ -222,7 +238,8 @@ def _summary(plan: RunPlan, views: dict[str, JobView], elapsed: float, out: Text
     total = len(views)
     iterations = max(s.config.n_iterations for s in plan.specs.values())
     if passed == total:
-        echo(f"\nPASS: all {total} jobs learned: held-out success went from <= {BASELINE_MAX} "
+        echo(f"\nPASS: {'all ' if total > 1 else ''}{total} job{'s' if total > 1 else ''} "
+             f"learned: held-out success went from <= {BASELINE_MAX} "
              f"to >= {LEARNED_MIN} within {iterations} iterations.", file=out)
     else:
         echo(f"\nFAIL: {total - passed} of {total} jobs did not go from <= {BASELINE_MAX} to "

@@ -25,13 +25,15 @@ from .tasks.toolchoice import make_training_data
 from .training import split_data
 
 __all__ = ["BASELINE_MAX", "DEFAULT_ITERATIONS", "DEFAULT_JOBS", "JOB_PREFIX", "LEARNED_MIN",
-           "TORCH_TASK", "LogKind", "RunPlan", "baseline_score", "demo_specs", "learned",
-           "log_chain", "numbered", "plan_run", "resume_iteration"]
+           "POLICIES", "TORCH_TASK", "LogKind", "RunPlan", "baseline_score", "demo_specs",
+           "learned", "log_chain", "numbered", "plan_run", "resume_iteration"]
 
 DEFAULT_JOBS = 4
 DEFAULT_ITERATIONS = 60
 LEARNING_RATES = (0.05, 0.01)
 TORCH_TASK = "toolchoice-torch"
+POLICIES = {"torch": TORCH_TASK, "linear": "toolchoice"}
+"""What `flowactors demo --policy` trains: the same environment, learned by either."""
 TORCH_LEARNING_RATES = (0.005, 0.003)  # Adam on a network: slower, so learning is visible
 N_QUERIES = 200  # 160-169 distinct; 20% held out: 32-33 queries the policy never trains on
 BATCH_SIZE = 32

@@ -19,6 +19,7 @@ import pykka
 
 from . import job as core
 from .actors import RecordLineage
+from .control import ForkRequest
 from .errors import CheckpointNotFound, FlowError, SpecError
 from .events import Event, ForkCreated, JobForked, JobSubmitted
 from .logs import get_logger
@@ -32,7 +33,8 @@ log = get_logger(__name__)
 NOTE_ATTEMPTS = 3
 NOTE_TIMEOUT_SECONDS = 600.0
 
-__all__ = ["child_spec", "fork_directly", "fork_in_runtime", "missing_notes", "plan"]
+__all__ = ["child_spec", "fork_directly", "fork_in_runtime", "fork_request", "missing_notes",
+           "plan"]
 
 
 def child_spec(parent: core.JobState, config: GRPOConfig | dict[str, Any] | None,
@@ -52,6 +54,27 @@ def child_spec(parent: core.JobState, config: GRPOConfig | dict[str, Any] | None
     spec = validate_spec(raw)
     build_task(spec)
     return spec
+
+
+def fork_request(parent: core.JobState, *, at_iteration: int, job_id: str | None,
+                 config: GRPOConfig | dict[str, Any] | None,
+                 task_options: dict[str, Any] | None) -> ForkRequest:
+    """A fork's arguments for the log's owner, checked as the fork will check them (the
+    settings, the task's options, the ids) so that a bad one is refused before a request is
+    written; the child's id is chosen now (a new uuid by default).
+
+    Raises:
+        SpecError: invalid settings, options or ids.
+    """
+    spec = child_spec(parent, config, task_options)
+    job_id = uuid.uuid4().hex if job_id is None else validate_job_id(job_id)
+    raw = {"at_iteration": at_iteration, "job_id": job_id,
+           "config": msgspec.to_builtins(spec.config),
+           "task_options": None if task_options is None else spec.task_options}
+    try:
+        return msgspec.convert(raw, ForkRequest)
+    except msgspec.ValidationError as exc:
+        raise SpecError(f"invalid fork of job {parent.job_id!r}: {exc}") from None
 
 
 def plan(parent: core.JobState, child: core.JobState, spec: JobSpec,
@@ -91,6 +114,13 @@ def plan(parent: core.JobState, child: core.JobState, spec: JobSpec,
         rng_digest=record.rng_digest)]
 
 
+def _shared(log: Any, state_ref: str) -> list[bytes]:
+    """The child's reference to its parent's checkpoint state, under the same address (no
+    copy): a state kept in the log is named again by the child's append; a checkpoint file
+    needs nothing, since the child's folded state keeps it live."""
+    return [log.get_blob(state_ref)] if log.has_blob(state_ref) else []
+
+
 def _forked(events: list[Event]) -> JobForked:
     forked = events[-1]
     assert isinstance(forked, JobForked)
@@ -128,8 +158,7 @@ def fork_in_runtime(rt: Any, parent_id: str, *, at_iteration: int, job_id: str |
         events = plan(parent, child, spec, at_iteration)
         if not events:
             return job_id
-        shared = rt.store.get_blob(_forked(events).state_ref)  # under its address: no copy
-        rt._append_direct(child, events, blobs=[shared])
+        rt._append_direct(child, events, blobs=_shared(rt.store, _forked(events).state_ref))
         log.info("job_forked", job_id=job_id, parent_id=parent_id, at_iteration=at_iteration)
     note_parent(rt, parent_id, ForkCreated(child_id=job_id, at_iteration=at_iteration))
     with rt._lock:
@@ -189,7 +218,7 @@ def fork_directly(store: EventStore, parent_id: str, *, at_iteration: int,
     if not events:
         return job_id
     store.append(job_id, events, child.version,
-                 blobs=[store.get_blob(_forked(events).state_ref)])
+                 blobs=_shared(store, _forked(events).state_ref))
     store.append(parent_id, [ForkCreated(child_id=job_id, at_iteration=at_iteration)],
                  parent.version)
     return job_id

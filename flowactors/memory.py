@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 
 from .codec import decode_event, encode_append
 from .codec import digest as content_digest
-from .control import ControlCommand
+from .control import ForkRequest, RequestCommand
 from .errors import (
     BlobNotFound,
     ConcurrencyConflict,
@@ -140,6 +140,13 @@ class MemoryEventLog:
             rows = list(self._rows)
         return (r for r, _ in rows if r.stream == stream and r.version >= from_version)
 
+    def read_types(self, types: Sequence[str]) -> Iterator[RecordedEvent]:
+        """Every event of these types (tags), in position order."""
+        wanted = frozenset(types)
+        with self._lock:
+            rows = list(self._rows)
+        return (r for r, _ in rows if r.type in wanted)
+
     def stream_version(self, stream: str) -> int:
         with self._lock:
             return self._versions.get(stream, 0)
@@ -222,11 +229,12 @@ class MemoryInbox:
         self._requests: list[Request] = []
         self._answers: dict[int, Answer] = {}
 
-    def request(self, job_id: str, command: ControlCommand) -> int:
-        sqlite_inbox.check_request(job_id, command)
+    def request(self, job_id: str, command: RequestCommand,
+                fork: ForkRequest | None = None) -> int:
+        args = sqlite_inbox.check_request(job_id, command, fork)
         with self._lock:
             request = Request(id=len(self._requests) + 1, job_id=job_id, command=command,
-                              requested_at=datetime.now(timezone.utc))
+                              requested_at=datetime.now(timezone.utc), args=args)
             self._requests.append(request)
         return request.id
 

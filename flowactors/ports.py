@@ -15,7 +15,7 @@ from typing import Literal, Protocol
 
 import msgspec
 
-from .control import ControlCommand
+from .control import ForkRequest, RequestCommand
 from .errors import FlowError
 from .events import Event, RecordedEvent
 
@@ -35,12 +35,14 @@ class VerifyReport(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Request(msgspec.Struct, frozen=True, kw_only=True):
-    """A control request another process left in the inbox."""
+    """A request another process left in the inbox. `args` is a fork's `ForkRequest` as
+    stored (decode with `control.decode_fork`), None for the other commands."""
 
     id: int
     job_id: str
-    command: ControlCommand
+    command: RequestCommand
     requested_at: datetime
+    args: bytes | None = None
 
 
 class Answer(msgspec.Struct, frozen=True, kw_only=True):
@@ -109,8 +111,13 @@ class EventLog(Protocol):
 class ControlInbox(Protocol):
     """Control requests for an owner from elsewhere, and the owner's answers."""
 
-    def request(self, job_id: str, command: ControlCommand) -> int:
-        """Leave a request; return its id (ids increase)."""
+    def request(self, job_id: str, command: RequestCommand,
+                fork: ForkRequest | None = None) -> int:
+        """Leave a request (a fork's with its arguments); return its id (ids increase).
+
+        Raises:
+            InvalidRequest: an unknown command, arguments missing or given where none go.
+        """
         ...
 
     def pending_requests(self, after_id: int = 0) -> list[Request]:

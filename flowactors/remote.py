@@ -1,28 +1,30 @@
-"""Control of a log's jobs from another process (`flowactors pause|resume|cancel`).
+"""Control of a log's jobs from another process (`flowactors pause|resume|cancel|fork`).
 
 While a runtime owns the log, a request goes into its inbox and the command waits for the
 answer; when no runtime owns it, the command owns the log for a moment and decides with the
-pure core (`job.decide`) directly.
+pure core (`job.decide`, `lineage.plan`) directly.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Literal
 
 import msgspec
 
 from . import job as core
-from .control import ControlCommand, decision
-from .errors import InvalidTransition, StoreLocked
+from . import lineage
+from .control import ControlCommand, ForkRequest, RequestCommand, decision
+from .errors import CheckpointNotFound, FlowError, InvalidTransition, SpecError, StoreLocked
 from .events import Event, RecordedEvent, event_tag
 from .replay import job_state, open_log, require_job
 from .store import EventStore
 from .views import JobStatus, JobView
 
-__all__ = ["ControlOutcome", "control", "decide_directly"]
+__all__ = ["ControlOutcome", "control", "decide_directly", "fork"]
 
 
 class ControlOutcome(msgspec.Struct, frozen=True, kw_only=True):
@@ -31,6 +33,7 @@ class ControlOutcome(msgspec.Struct, frozen=True, kw_only=True):
     `outcome` is "applied", "rejected" (with the reason) or "unanswered" (the owner did not
     answer within the timeout; the request stays in the inbox and may still be applied).
     `decided_by` is "owner" (a runtime's answer) or "direct" (no runtime owned the log).
+    `view` is the job's view after it (a fork's: the child's, when applied).
     """
 
     outcome: Literal["applied", "rejected", "unanswered"]
@@ -92,28 +95,59 @@ def control(path: str | os.PathLike[str], job_id: str, command: ControlCommand, 
         JobNotFound: no such job (no request is left).
         StoreUnavailable: the request or the decision could not be written.
     """
-    path = os.fspath(path)
+    def direct(owner: EventStore) -> JobView:
+        return core.view(decide_directly(owner, job_id, command))
+
+    return _through_inbox(os.fspath(path), job_id, command, None, direct, job_id,
+                          (InvalidTransition,), timeout, poll)
+
+
+def fork(path: str | os.PathLike[str], parent_id: str, request: ForkRequest, *,
+         timeout: float = 30.0, poll: float = 0.1) -> ControlOutcome:
+    """Fork a job from another process: `Runtime.fork` by the owning runtime, through its
+    inbox, or directly (`lineage.fork_directly`) when no runtime owns the log; as `control`.
+    Applied, the outcome's view is the child's (its id is `request.job_id`).
+
+    Raises:
+        LogNotFound, LogCorrupted, JobNotFound (of the parent), StoreUnavailable: as
+            `control`; also when the owner is an older flowactors that takes no forks.
+    """
+    def direct(owner: EventStore) -> JobView:
+        lineage.fork_directly(owner, parent_id, at_iteration=request.at_iteration,
+                              job_id=request.job_id, config=request.config,
+                              task_options=request.task_options)
+        return core.view(job_state(owner, request.job_id))
+
+    return _through_inbox(os.fspath(path), parent_id, "fork", request, direct, request.job_id,
+                          (CheckpointNotFound, InvalidTransition, SpecError), timeout, poll)
+
+
+def _through_inbox(path: str, job_id: str, command: RequestCommand, args: ForkRequest | None,
+                   direct: Callable[[EventStore], JobView], viewed: str,
+                   refusals: tuple[type[FlowError], ...], timeout: float, poll: float
+                   ) -> ControlOutcome:
+    """Leave a request and wait for the owner's answer, or decide with `direct` on a log no
+    runtime owns (a `refusals` error is a rejection). The view is of job `viewed`."""
     with open_log(path) as reader:
         require_job(reader, job_id)
     owner = _own(path)
     if owner is not None:
         with owner:
-            return _direct(owner, job_id, command, None)
+            return _direct(owner, direct, viewed, refusals, None)
     with EventStore(path, mode="requester") as requester:
-        request_id = requester.request(job_id, command)
+        request_id = requester.request(job_id, command, args)
     deadline = time.monotonic() + timeout
     while True:
         with open_log(path) as reader:
             answer = reader.answer_of(request_id)
             if answer is not None:
                 return ControlOutcome(outcome=answer.outcome, reason=answer.reason,
-                                      request_id=request_id,
-                                      view=core.view(job_state(reader, job_id)))
+                                      request_id=request_id, view=_view_of(reader, viewed))
         owner = _own(path)
         if owner is not None:  # the runtime went away before answering: decide ourselves
             with owner:
                 if owner.answer_of(request_id) is None:
-                    return _direct(owner, job_id, command, request_id)
+                    return _direct(owner, direct, viewed, refusals, request_id)
             continue  # it answered just before it went: read the answer
         if time.monotonic() >= deadline:
             return ControlOutcome(
@@ -124,16 +158,21 @@ def control(path: str | os.PathLike[str], job_id: str, command: ControlCommand, 
         time.sleep(poll)
 
 
-def _direct(owner: EventStore, job_id: str, command: ControlCommand,
-            request_id: int | None) -> ControlOutcome:
+def _direct(owner: EventStore, direct: Callable[[EventStore], JobView], viewed: str,
+            refusals: tuple[type[FlowError], ...], request_id: int | None) -> ControlOutcome:
     try:
-        state = decide_directly(owner, job_id, command)
-    except InvalidTransition as exc:
+        view = direct(owner)
+    except refusals as exc:
         if request_id is not None:
             owner.answer(request_id, "rejected", str(exc))
         return ControlOutcome(outcome="rejected", reason=str(exc), decided_by="direct",
-                              request_id=request_id, view=core.view(job_state(owner, job_id)))
+                              request_id=request_id, view=_view_of(owner, viewed))
     if request_id is not None:
         owner.answer(request_id, "applied", "")
     return ControlOutcome(outcome="applied", decided_by="direct", request_id=request_id,
-                          view=core.view(state))
+                          view=view)
+
+
+def _view_of(store: EventStore, job_id: str) -> JobView | None:
+    """The job's view; None when it has no events (a fork that was not made)."""
+    return core.view(job_state(store, job_id)) if store.stream_version(job_id) else None

@@ -3,8 +3,8 @@
 The runtime owns the log (one owner at a time), admits queued jobs up to `max_concurrent_jobs`
 (by priority, then submission order), supervises job actors (an actor that dies unexpectedly is
 restarted by replay, a bounded number of times), serves `status()` from an in-memory view
-updated after each commit, and answers control requests other processes leave in the inbox.
-Admission and supervision are its `Supervisor` part (`flowactors.supervisor`).
+updated after each commit, and answers the requests (control, forks) other processes leave
+in the inbox. Admission and supervision are its `Supervisor` part (`flowactors.supervisor`).
 """
 
 from __future__ import annotations
@@ -34,10 +34,11 @@ from .errors import (
 )
 from .events import RecordedEvent
 from .faults import fault_point
-from .control import CONTROL_COMMANDS, CONTROL_REASON, ControlCommand, decision
+from .control import CONTROL_COMMANDS, CONTROL_REASON, ControlCommand, decision, decode_fork
 from .job import Recover, Submit, checkpoint_infos, decide, fold, initial_state, view
 from .logs import get_logger
-from .replay import replay_log
+from .memory import MemoryEventLog
+from .replay import replay, replay_log
 from .rollouts import RolloutBackend, ThreadRollouts
 from .spec import JobSpec, validate_job_id, validate_spec
 from .store import EventStore
@@ -48,7 +49,10 @@ from .views import CheckpointInfo, JobStatus, JobView
 
 log = get_logger(__name__)
 
-__all__ = ["CONTROL_TIMEOUT_SECONDS", "INBOX_POLL_SECONDS", "MAX_RESTARTS", "Runtime"]
+__all__ = ["CONTROL_TIMEOUT_SECONDS", "INBOX_POLL_SECONDS", "MAX_RESTARTS", "MEMORY", "Runtime"]
+
+MEMORY = ":memory:"
+"""The path of a log that lives in the runtime's process only (as SQLite spells it)."""
 
 INBOX_POLL_SECONDS = 0.1
 CONTROL_TIMEOUT_SECONDS = 600.0
@@ -59,7 +63,9 @@ class Runtime(Supervisor):
     """An embedded runtime on one log file. Use as a context manager.
 
     Args:
-        path: the SQLite log (created if missing).
+        path: the SQLite log (created if missing); or `":memory:"` for a log that lives in
+            this process only (the in-memory ports of `flowactors.memory`: nothing survives
+            the runtime, no other process can reach it; for tests and experiments).
         max_concurrent_jobs: jobs running at once; the others wait, queued, holding no thread.
         max_rollout_workers: rollouts running at once across all jobs (the thread backend).
         rollouts: where rollouts run: None is a pool of `max_rollout_workers` threads in this
@@ -84,7 +90,14 @@ class Runtime(Supervisor):
             raise ValueError("max_concurrent_jobs and max_rollout_workers must be >= 1")
         super().__init__(max_concurrent_jobs)
         self.path = Path(path)
-        self.store = EventStore(self.path, mode="owner", synchronous=synchronous)
+        self.in_memory = str(path) == MEMORY
+        self._memory_files: str | None = None
+        if self.in_memory:
+            self.store: EventStore | MemoryEventLog = MemoryEventLog()
+            if checkpoint_store is None:  # this runtime's own, removed when it closes
+                checkpoint_store = self._memory_files = f"memory://flowactors-{uuid.uuid4().hex}"
+        else:
+            self.store = EventStore(self.path, mode="owner", synchronous=synchronous)
         self.state_store: StateStore = open_state_store(
             self.store, self.path, checkpoint_store, lambda: list(self._states.values()))
         self.saves: CheckpointSaves | None = CheckpointSaves(self.state_store)
@@ -100,9 +113,11 @@ class Runtime(Supervisor):
             self.ready.set()
         lineage.repair_notes(self)
         self._inbox_stop = threading.Event()
-        self._inbox_thread = threading.Thread(target=self._tail_inbox, daemon=True,
-                                              name="flowactors-inbox")
-        self._inbox_thread.start()
+        self._inbox_thread: threading.Thread | None = None
+        if not self.in_memory:  # another process can leave requests only in a file's inbox
+            self._inbox_thread = threading.Thread(target=self._tail_inbox, daemon=True,
+                                                  name="flowactors-inbox")
+            self._inbox_thread.start()
         if handle_signals:
             self._install_signal_handlers()
 
@@ -303,7 +318,7 @@ class Runtime(Supervisor):
         self.closing = True
         self._restore_signal_handlers()
         self._inbox_stop.set()
-        if self._inbox_thread is not threading.current_thread():
+        if self._inbox_thread not in (None, threading.current_thread()):
             self._inbox_thread.join(timeout=10)  # it reads the store we are about to close
         with self._lock:
             actors = list(self._actors.values())
@@ -327,13 +342,18 @@ class Runtime(Supervisor):
         if self.saves is not None:
             self.saves.close()  # the writes under way finish; their files are swept on open
         self.store.close()
+        if self._memory_files is not None:
+            files = self.state_store.files
+            if files.fs.exists(files.root):
+                files.fs.rm(files.root, recursive=True)
 
     # --- recovery ---
 
     def _recover(self) -> None:
         """Replay the log; queue queued jobs; resume running ones from their last checkpoint."""
         states = self._states
-        states.update(replay_log(self.store))
+        states.update(replay_log(self.store) if isinstance(self.store, EventStore)
+                      else replay(self.store.read_all()))
         problems = self.state_store.open_check(states)
         if problems:
             raise LogCorrupted(f"{self.path}: {problems[0]}; run `flowactors verify`")
@@ -359,7 +379,7 @@ class Runtime(Supervisor):
         log.info("runtime_opened", path=str(self.path), jobs=len(states),
                  recovered=len(running))
 
-    # --- the inbox: control requests from other processes ---
+    # --- the inbox: requests from other processes ---
 
     def _tail_inbox(self) -> None:
         last_id = 0
@@ -375,10 +395,17 @@ class Runtime(Supervisor):
             self._inbox_stop.wait(INBOX_POLL_SECONDS)
 
     def _answer(self, request: Any) -> None:
+        """Decide one request and answer it. A fork's answer names no child: the request
+        chose its id (`ForkRequest.job_id`)."""
         try:
-            if request.command not in CONTROL_COMMANDS:
+            if request.command == "fork":
+                fork = decode_fork(request.args)
+                self.fork(request.job_id, at_iteration=fork.at_iteration, job_id=fork.job_id,
+                          config=fork.config, task_options=fork.task_options)
+            elif request.command in CONTROL_COMMANDS:
+                self._control(request.job_id, request.command, CONTROL_REASON)
+            else:
                 raise InvalidTransition(f"unknown command {request.command!r}")
-            self._control(request.job_id, request.command, CONTROL_REASON)
         except (FlowError, TimeoutError) as exc:
             if self.closing:
                 return

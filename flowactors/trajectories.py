@@ -8,8 +8,15 @@ names (`trajectories_ref`) and `verify` checks against its address. (A blob for 
 iteration cost a third of the runtime's iterations per second on `bench_runtime`'s 100-job
 run; the event field costs a few percent. 64 KiB holds the built-in learning task's 256
 trajectories of an iteration, steps and features included.) An iteration that a recovery superseded keeps its
-trajectories on record, marked superseded as its event is. Reading one iteration's
-trajectories reads the job's events (and at most that one blob).
+trajectories on record, marked superseded as its event is.
+
+Reading one iteration's trajectories looks up the job's rows as stored (`stored_stream`), and
+decodes only what it needs: the iteration number of each iteration event (a Struct of that
+one field, the rest skipped), then the whole events of that iteration and the recoveries
+(which mark runs superseded), and at most their blobs. Nothing else of the stream is decoded,
+and no time or hash is read. (On a crashed 1M-event log of 1,000 jobs, cProfile put the
+Python side of a read at ~8 ms of its ~18 before, ~0.6 ms after; what is left is SQLite's
+point lookups over the job's ~1,000 versions: it grows with the job, not with the log.)
 """
 
 from __future__ import annotations
@@ -21,12 +28,12 @@ import msgspec
 
 from . import codec
 from .errors import LogCorrupted
-from .events import IterationCompleted, JobRecovered, RecordedEvent
+from .events import IterationCompleted, JobRecovered, event_tag
 from .spec import TrainingQuery
 from .tasks import Trajectory
 
-__all__ = ["INLINE_MAX_BYTES", "RecordedTrajectory", "TrajectoryGroup", "attach", "iteration_result",
-           "encode_groups", "read", "select"]
+__all__ = ["INLINE_MAX_BYTES", "RecordedTrajectory", "TrajectoryGroup", "attach",
+           "encode_groups", "iteration_result", "read", "select_stored"]
 
 INLINE_MAX_BYTES = 65536
 """Encoded trajectories up to this size are kept in the iteration's event; larger, a blob."""
@@ -121,29 +128,57 @@ class _Iteration(msgspec.Struct):
     superseded: bool = False
 
 
-def select(events: Iterable[RecordedEvent], iteration: int | None = None) -> list[_Iteration]:
+class _IterationNumber(msgspec.Struct):
+    """The one field of an iteration event that says whether a read wants it."""
+
+    iteration: int
+
+
+_ITERATION_TAG = event_tag(IterationCompleted)
+_RECOVERED_TAG = event_tag(JobRecovered)
+_iteration_number = msgspec.msgpack.Decoder(_IterationNumber)
+
+
+def select_stored(path: str, rows: Iterable[tuple[int, int, str, int, bytes]],
+                  iteration: int | None = None) -> list[_Iteration]:
     """The job's iteration events that name trajectories (of `iteration`, or all), in log
-    order, each marked superseded when a later recovery rewound to before it."""
+    order, each marked superseded when a later recovery rewound to before it; from the
+    stream's rows as stored (`EventStore.stored_stream`), decoding only those iteration events
+    and the recoveries.
+
+    Raises:
+        LogCorrupted: one of those rows does not decode (the message names its position).
+    """
     seen: list[_Iteration] = []
-    for recorded in events:
-        event = recorded.event
-        kind = type(event)
-        if kind is IterationCompleted:
-            seen.append(_Iteration(event, recorded.position))
-        elif kind is JobRecovered:
-            start = event.from_checkpoint or 0
-            for item in seen:
-                if item.event.iteration > start:
-                    item.superseded = True
-    return [item for item in seen if (item.event.trajectories is not None
-                                      or item.event.trajectories_ref is not None)
-            and (iteration is None or item.event.iteration == iteration)]
+    current = IterationCompleted.schema_version
+    for position, _version, type_, schema_version, data in rows:
+        try:
+            if type_ == _ITERATION_TAG:
+                if iteration is not None and schema_version == current \
+                        and _iteration_number.decode(data).iteration != iteration:
+                    continue
+                event = codec.decode_event(type_, schema_version, data)
+                assert isinstance(event, IterationCompleted)
+                if iteration is None or event.iteration == iteration:
+                    seen.append(_Iteration(event, position))
+            elif type_ == _RECOVERED_TAG:
+                recovered = codec.decode_event(type_, schema_version, data)
+                assert isinstance(recovered, JobRecovered)
+                start = recovered.from_checkpoint or 0
+                for item in seen:
+                    if item.event.iteration > start:
+                        item.superseded = True
+        except (msgspec.DecodeError, LogCorrupted) as exc:
+            raise LogCorrupted(f"{path}, position {position}: {exc}") from None
+    return [item for item in seen if item.event.trajectories is not None
+            or item.event.trajectories_ref is not None]
 
 
 class _Blobs(Protocol):
     path: str
 
-    def read_stream(self, stream: str, from_version: int = 1) -> Iterable[RecordedEvent]: ...
+    def stored_stream(self, stream: str, from_version: int = 1
+                      ) -> Iterable[tuple[int, int, str, int, bytes]]: ...
 
     def get_blob(self, digest: str) -> bytes: ...
 
@@ -166,7 +201,7 @@ def read(store: _Blobs, job_id: str, *, iteration: int | None = None,
         (success is None or t.success is success)
         and (min_reward is None or t.reward >= min_reward))
     found: list[RecordedTrajectory] = []
-    for item in select(store.read_stream(job_id), iteration):
+    for item in select_stored(store.path, store.stored_stream(job_id), iteration):
         event = item.event
         encoded = event.trajectories
         if encoded is None:

@@ -24,6 +24,10 @@ def sim_spec(agent_id: str = "agent", *, task_options: dict | None = None,
                    task_options=task_options or {}, priority=priority)
 
 
+MEMORY = ":memory:"
+"""The path of an in-memory log: for a test where a file adds nothing."""
+
+
 def open_runtime(path, **kwargs) -> Runtime:
     """A runtime for tests: no fsync (the tests do not cut the power), no signal handlers."""
     kwargs.setdefault("synchronous", "off")

@@ -285,13 +285,16 @@ def test_a_job_has_at_most_one_checkpoint_in_flight(tmp_path):
     held = HeldFiles(tmp_path / "held")
     with capture_logs() as logs, open_runtime(tmp_path / "flow.db", checkpoint_store=held) as rt:
         job = rt.submit(bulky_spec(n_iterations=4, checkpoint_interval=1))
-        for n in range(1, 4):  # the last iteration's state is written on the job's thread
-            wait_until(lambda: held.entered > n or any(
-                e["event"] == "checkpoint_awaited" and e["iteration"] == n for e in logs),
-                timeout=20, message=f"checkpoint {n + 1} to wait for checkpoint {n}")
-            assert held.entered == n, "a second checkpoint was written while one was in flight"
-            held.gates[n - 1].set()
-        held.release.set()
+        try:
+            for n in range(1, 4):  # the last iteration's state is written on the job's thread
+                wait_until(lambda: held.entered > n or any(
+                    e["event"] == "checkpoint_awaited" and e["iteration"] == n
+                    for e in list(logs)),
+                    timeout=20, message=f"checkpoint {n + 1} to wait for checkpoint {n}")
+                assert held.entered == n, "a second checkpoint was written while one was in flight"
+                held.gates[n - 1].set()
+        finally:
+            held.release.set()  # a failure must not leave close() waiting for a held write
         assert rt.wait(job, timeout=30).status is fa.JobStatus.COMPLETED
         assert sorted(c.iteration for c in rt.checkpoints(job)) == [1, 2, 3, 4]
     assert held.most == 1
@@ -430,3 +433,48 @@ def test_sigkill_with_a_checkpoint_in_flight_resumes_from_the_last_durable_one(t
     assert [e.from_checkpoint for e in events if isinstance(e, JobRecovered)] == [2]
     result = CliRunner().invoke(main, ["verify", "--db", str(db)])
     assert result.exit_code == 0, result.output
+
+
+def test_an_in_memory_runtime_writes_no_file_keeps_large_states_in_memory_and_clears_them(
+        tmp_path, monkeypatch):
+    """`Runtime(":memory:")`: a job with states above the inline threshold trains, its large
+    checkpoints load back from the runtime's own `memory://` store, a fork starts from one,
+    no file appears in the working directory, no inbox thread runs, and closing removes the
+    stored states."""
+    monkeypatch.chdir(tmp_path)
+    with open_runtime(":memory:") as rt:
+        job_id = rt.submit(bulky_spec(n_iterations=5, keep_checkpoints=2))
+        assert rt.wait(job_id, timeout=60).status is fa.JobStatus.COMPLETED
+        files = rt.state_store.files
+        assert files.url.startswith("memory://")
+        stored = files.files()
+        kept = {c.state_ref for c in rt.checkpoints(job_id) if not c.pruned}
+        assert kept and kept <= stored.keys() and all(s > checkpointing.INLINE_MAX_BYTES
+                                                     for s in stored.values())
+        assert len(rt.load_checkpoint(job_id, 5).weights) == BIG
+        child = rt.fork(job_id, at_iteration=rt.status(job_id).best_checkpoint or 5)
+        assert rt.wait(child, timeout=60).status is fa.JobStatus.COMPLETED
+        assert "flowactors-inbox" not in {t.name for t in threading.enumerate()}
+    assert list(tmp_path.iterdir()) == []
+    assert not files.fs.exists(files.root)
+
+
+def test_a_fork_from_a_checkpoint_file_shares_the_file_in_a_runtime_and_from_the_cli(tmp_path):
+    """A checkpoint above the inline threshold lives as a file: `Runtime.fork` and `flowactors
+    fork` (no runtime owning the log) start children from it without copying it, the children
+    train, and the log verifies, its files included."""
+    db = tmp_path / "flow.db"
+    with open_runtime(db) as rt:
+        parent = rt.submit(bulky_spec(n_iterations=5), job_id="parent")
+        assert rt.wait(parent, timeout=60).status is fa.JobStatus.COMPLETED
+        child = rt.fork(parent, at_iteration=4, job_id="child")
+        assert rt.wait(child, timeout=60).status is fa.JobStatus.COMPLETED
+    forked = CliRunner().invoke(main, ["fork", "parent", "--at", "4", "--db", str(db)])
+    assert forked.exit_code == 0, forked.output
+    with open_runtime(db) as rt:
+        cli_child = forked.stdout.split()[-1]
+        assert rt.wait(cli_child, timeout=60).status is fa.JobStatus.COMPLETED
+        assert rt.state_store.files.files().keys() >= {
+            c.state_ref for c in rt.checkpoints("parent") if c.iteration == 4}
+    verified = CliRunner().invoke(main, ["verify", "--db", str(db)])
+    assert verified.exit_code == 0, verified.output

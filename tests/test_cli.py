@@ -105,8 +105,9 @@ def test_status_lists_every_job_as_the_runtime_saw_it(log):
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["JOB", "AGENT", "STATUS", "ITERATION", "AVG", "REWARD",
                                 "COST", "BEST"]
-    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    rows = {line.split()[0]: line.split() for line in lines[1:-1]}
     assert rows["done"][2:4] == ["completed", "6/6"]
+    assert lines[-1] == f"no runtime owns {path} now"  # no job waits: no hint about `*`
     assert rows["failed"][2:4] == ["failed", "2/5"]
     assert rows["budget"][2:4] == ["failed", "4/10"] and rows["budget"][5] == "$4.0000"
     as_json = msgspec.json.decode(run("status", "--json", db=path).stdout, type=LogStatus)

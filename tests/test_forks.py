@@ -16,6 +16,7 @@ from helpers import open_runtime, sim_spec, wait_until
 
 import flowactors as fa
 from flowactors import lineage
+from flowactors.control import ForkRequest
 from flowactors.cli import main
 from flowactors.events import ForkCreated, JobForked
 from flowactors.job import initial_state
@@ -185,7 +186,8 @@ def test_a_fork_survives_sigkill_and_still_ends_bit_identical(parent_log):
 
 def test_the_fork_command_queues_a_child_with_changed_settings(parent_log):
     """`flowactors fork JOB --at N --set FIELD=VALUE` records a queued child (printing its
-    id) that a runtime then trains; a bad field is a one-line error; an owned log refuses."""
+    id) that a runtime then trains; a bad field is a one-line error; on a log a runtime owns,
+    that runtime forks (the request goes through its inbox)."""
     runner = CliRunner()
     bad = runner.invoke(main, ["fork", "parent", "--at", "2", "--set", "bogus=1",
                                "--db", str(parent_log)])
@@ -199,8 +201,10 @@ def test_the_fork_command_queues_a_child_with_changed_settings(parent_log):
     with open_runtime(parent_log) as rt:
         assert rt._states["kid"].spec.config.learning_rate == 0.3
         assert rt.wait("kid", timeout=30).status is fa.JobStatus.COMPLETED
-        locked = runner.invoke(main, ["fork", "parent", "--at", "4", "--db", str(parent_log)])
-        assert locked.exit_code == 1 and "Runtime.fork" in locked.output
+        owned = runner.invoke(main, ["fork", "parent", "--at", "4", "--db", str(parent_log)])
+        assert owned.exit_code == 0, owned.output
+        other = owned.stdout.splitlines()[-1]  # (the runtime's own log lines may come first)
+        assert rt.status(other).forked_from.at_iteration == 4
     history = runner.invoke(main, ["history", "parent", "--db", str(parent_log)])
     assert "job kid forked from checkpoint 2" in history.stdout
 
@@ -224,3 +228,157 @@ def test_a_fork_recovers_to_its_fork_point_before_its_own_first_checkpoint():
     assert (after.iteration, after.metrics) == (4, {"avg_reward": 0.25})
     assert after.resume_point.state_ref == "ab" * 32
     assert after.forked_from.parent_id == "p"
+
+
+OWNER = textwrap.dedent("""
+    import sys, msgspec, flowactors as fa
+    rt = fa.Runtime(sys.argv[1], synchronous="off", handle_signals=False)
+    rt.submit(msgspec.json.decode(sys.argv[2], type=fa.JobSpec), job_id="parent")
+    print("submitted", flush=True)
+    sys.stdin.readline()  # the test says when to stop
+    rt.close()
+""")
+
+
+def requests_in(path) -> int:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return conn.execute("SELECT count(*) FROM requests").fetchone()[0]
+    finally:
+        conn.close()
+
+
+@pytest.mark.timeout(120)
+def test_the_fork_command_forks_through_the_inbox_of_a_runtime_in_another_process(tmp_path):
+    """While a runtime in another process owns the log and trains the parent, `flowactors
+    fork` leaves a request that runtime decides: the child (its id printed) is recorded with
+    lineage in both streams and, with no change, trains to the parent's final state. A bad
+    --set is a one-line error that writes no request; a fork at an iteration with no
+    checkpoint is rejected by the owner, a one-line error with exit 1."""
+    path = tmp_path / "flow.db"
+    spec = sim_spec(n_iterations=8, keep_checkpoints=5, task_options={"rollout_seconds": 0.2})
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, str(path),
+                              msgspec.json.encode(spec).decode()],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout.readline().strip() == "submitted"
+
+        def checkpoint_2() -> bool:
+            with EventStore(path, mode="readonly") as store:
+                return any(c.info.iteration == 2 for c in job_state(store, "parent").checkpoints)
+        wait_until(checkpoint_2, timeout=60, message="the parent's checkpoint 2")
+        runner = CliRunner()
+        bad = runner.invoke(main, ["fork", "parent", "--at", "2", "--set",
+                                   "learning_rate=-1", "--db", str(path)])
+        assert bad.exit_code == 1 and len(bad.stderr.splitlines()) == 1, bad.output
+        assert bad.stderr.startswith("error: ") and "learning_rate" in bad.stderr
+        assert requests_in(path) == 0
+        made = runner.invoke(main, ["fork", "parent", "--at", "2", "--db", str(path)])
+        assert made.exit_code == 0, made.output
+        child = made.stdout.strip()
+        assert len(child) == 32 and requests_in(path) == 1
+        rejected = runner.invoke(main, ["fork", "parent", "--at", "3", "--db", str(path)])
+        assert rejected.exit_code == 1 and rejected.stdout == ""
+        assert rejected.stderr.splitlines() == [
+            "error: fork rejected: job 'parent' has no checkpoint at iteration 3 (live "
+            "checkpoints: " + rejected.stderr.split("live checkpoints: ")[1].strip()]
+
+        def both_completed() -> bool:
+            with EventStore(path, mode="readonly") as store:
+                return all(job_state(store, j).status is fa.JobStatus.COMPLETED
+                           for j in ("parent", child))
+        wait_until(both_completed, timeout=90, message="the parent and the fork to complete")
+        owner.stdin.write("stop\n")
+        owner.stdin.flush()
+        assert owner.wait(timeout=30) == 0
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait(timeout=10)
+    with EventStore(path, mode="readonly") as store:
+        parent, kid = job_state(store, "parent"), job_state(store, child)
+        answers = [store.answer_of(i) for i in (1, 2)]
+        assert store.verify().ok
+    assert kid.forked_from.parent_id == "parent" and kid.forked_from.at_iteration == 2
+    assert [(f.child_id, f.at_iteration) for f in parent.forks] == [(child, 2)]
+    assert kid.final_state_digest == parent.final_state_digest is not None
+    assert [(a.outcome, a.reason[:30]) for a in answers] == [
+        ("applied", ""), ("rejected", "job 'parent' has no checkpoint")]
+
+
+OLD_TRIGGER = """CREATE TRIGGER requests_check_command BEFORE INSERT ON requests
+       WHEN NEW.command NOT IN ('pause', 'resume', 'cancel')
+       BEGIN SELECT RAISE(ABORT, 'flowactors: requests.command is pause, resume or cancel'); END"""
+
+
+def with_the_old_inbox(path) -> None:
+    """Turn the log's inbox back into what logs made before forks went through it have."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("DROP TRIGGER requests_check_command")
+        conn.execute(OLD_TRIGGER)
+        conn.execute("ALTER TABLE requests DROP COLUMN args")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+
+
+def inbox_schema(path) -> tuple[list[str], str, list[str]]:
+    """(the requests table's columns, its command trigger, the meta keys)."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        columns = [r[1] for r in conn.execute("PRAGMA table_info(requests)")]
+        (trigger,) = conn.execute("SELECT sql FROM sqlite_master WHERE "
+                                  "name = 'requests_check_command'").fetchone()
+        keys = [k for (k,) in conn.execute("SELECT key FROM meta ORDER BY key")]
+    finally:
+        conn.close()
+    return columns, trigger, keys
+
+
+def test_an_old_logs_owner_migrates_its_inbox_to_take_forks(parent_log):
+    """A log whose inbox predates forks still opens: readers leave it as it is, a fork request
+    to it is refused before anything is written; the first runtime to own it adds the column
+    and the trigger (recorded in meta), answers the pause request left before, and forks."""
+    with_the_old_inbox(parent_log)
+    with EventStore(parent_log, mode="requester") as requester:
+        paused = requester.request("parent", "pause")
+        with pytest.raises(fa.StoreUnavailable, match="does not take fork requests"):
+            requester.request("parent", "fork", ForkRequest(at_iteration=2, job_id="kid"))
+    old = inbox_schema(parent_log)
+    assert "args" not in old[0] and "'fork'" not in old[1]
+    assert CliRunner().invoke(main, ["status", "--db", str(parent_log)]).exit_code == 0
+    assert inbox_schema(parent_log) == old and requests_in(parent_log) == 1
+    with open_runtime(parent_log) as rt:
+        columns, trigger, keys = inbox_schema(parent_log)
+        assert "args" in columns and "'fork'" in trigger and "inbox_fork_added_at" in keys
+        wait_until(lambda: rt.store.answer_of(paused), timeout=30, message="the old request")
+        made = CliRunner().invoke(main, ["fork", "parent", "--at", "2", "--id", "kid",
+                                         "--db", str(parent_log)])
+        assert made.exit_code == 0, made.output
+        assert rt.wait("kid", timeout=30).forked_from.at_iteration == 2
+    assert inbox_schema(parent_log) == (columns, trigger, keys)  # once
+
+
+def test_the_owner_rejects_a_fork_request_it_cannot_read_with_the_reason(parent_log):
+    """A fork request whose stored arguments are not a ForkRequest (a foreign writer's), or
+    that names no job, is answered `rejected` with the reason; nothing is written."""
+    with open_runtime(parent_log) as rt:
+        head = rt.store.head()
+        conn = sqlite3.connect(parent_log, isolation_level=None)
+        try:
+            garbage = conn.execute(
+                "INSERT INTO requests (job_id, command, requested_at, args) VALUES "
+                "('parent', 'fork', '2026-01-01T00:00:00+00:00', ?)",
+                (msgspec.msgpack.encode({"at_iteration": 0, "job_id": "kid"}),)).lastrowid
+        finally:
+            conn.close()
+        with EventStore(parent_log, mode="requester") as requester:
+            nobody = requester.request("nobody", "fork",
+                                       ForkRequest(at_iteration=2, job_id="kid"))
+        answers = [wait_until(lambda i=i: rt.store.answer_of(i), timeout=30,
+                              message=f"an answer to request {i}") for i in (garbage, nobody)]
+        assert rt.store.head() == head
+    assert [a.outcome for a in answers] == ["rejected", "rejected"]
+    assert "invalid fork request" in answers[0].reason and "at_iteration" in answers[0].reason
+    assert "'nobody' not found" in answers[1].reason

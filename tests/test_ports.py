@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from flowactors.codec import encode_event
+from flowactors.control import ForkRequest, decode_fork
 from flowactors.errors import (
     BlobNotFound,
     ConcurrencyConflict,
@@ -26,7 +27,7 @@ from flowactors.events import IterationCompleted, JobStarted, JobSubmitted
 from flowactors.filestore import FileCheckpoints
 from flowactors.memory import MemoryCheckpoints, MemoryEventLog, MemoryInbox
 from flowactors.ports import CheckpointStore, ControlInbox, EventLog
-from flowactors.spec import JobSpec, TrainingQuery
+from flowactors.spec import GRPOConfig, JobSpec, TrainingQuery
 from flowactors.store import EventStore, row_hash
 
 SPEC = JobSpec(agent_id="agent-1", training_data=[TrainingQuery(query="2+2?")])
@@ -249,6 +250,23 @@ def test_the_inbox_takes_only_the_control_vocabulary(inbox: ControlInbox) -> Non
     with pytest.raises(ValueError):
         inbox.answer(request_id, "maybe")  # type: ignore[arg-type]
     assert [r.id for r in inbox.pending_requests()] == [request_id]
+
+
+def test_a_fork_request_carries_its_arguments(inbox: ControlInbox) -> None:
+    """A fork request carries a ForkRequest that reads back equal; a fork without one, or
+    another command with one, is refused and leaves nothing pending."""
+    fork = ForkRequest(at_iteration=4, job_id="child", config=GRPOConfig(learning_rate=0.3),
+                       task_options={"rollout_seconds": 0.5})
+    with pytest.raises(InvalidRequest):
+        inbox.request("job-1", "fork")
+    with pytest.raises(InvalidRequest):
+        inbox.request("job-1", "pause", fork)
+    request_id = inbox.request("job-1", "fork", fork)
+    (pending,) = inbox.pending_requests()
+    assert (pending.id, pending.job_id, pending.command) == (request_id, "job-1", "fork")
+    assert decode_fork(pending.args) == fork
+    inbox.answer(request_id, "applied")
+    assert inbox.pending_requests() == []
 
 
 # --- the checkpoint store --------------------------------------------------------------

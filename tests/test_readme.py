@@ -54,10 +54,26 @@ def test_the_api_example_runs(tmp_path):
 def test_the_task_example_trains_as_the_readme_says(tmp_path):
     blocks = readme_blocks()
     (tmp_path / "coin.py").write_text(blocks[1])
-    (tmp_path / "train.py").write_text("import flowactors as fa\n" + blocks[2])
+    (tmp_path / "train.py").write_text(blocks[2])
     out = run(["train.py"], tmp_path)
     claimed = re.search(r"# (JobStatus\.\w+ [\d.]+)", blocks[2])
     assert claimed is not None and claimed.group(1) in out, out[-2000:]
+
+
+def test_check_resume_of_the_task_example_with_the_readme_spec_file_runs_as_written(tmp_path):
+    """The command the README gives for the coin task, with its spec file, says the task
+    resumes exactly (without `--spec` the coin task cannot score the default queries)."""
+    text = (REPO / "README.md").read_text()
+    (spec_json,) = re.findall(r"^```json\n(.*?)^```", text, flags=re.S | re.M)
+    command = re.search(r"`(flowactors check-resume --task coin:CoinTask --spec\s+"
+                        r"coin-spec\.json --kills 5)`", text)
+    assert command is not None
+    (tmp_path / "coin.py").write_text(readme_blocks()[1])
+    (tmp_path / "coin-spec.json").write_text(spec_json)
+    args = command.group(1).split()[1:]
+    args[args.index("5")] = "2"  # fewer kills: the same command, quicker
+    out = run(["-c", "from flowactors.cli import main; main()", *args], tmp_path)
+    assert out.startswith("resumes exactly: 2 SIGKILL(s)"), out
 
 
 def test_the_pytorch_task_example_learns_and_resumes_exactly(tmp_path):
@@ -109,10 +125,12 @@ def test_the_readme_shows_the_commands_these_tests_check():
 
 
 @pytest.mark.parametrize("command", readme_commands())
-def test_every_command_the_readme_shows_parses_and_its_help_lists_its_options(command):
+def test_every_command_the_readme_shows_parses_and_its_help_lists_its_options(
+        command, tmp_path, monkeypatch):
     """Each command line the README shows is accepted by the `flowactors` parser as written
     (subcommand, options, their values' types; nothing is run), and every option it uses is
-    in `flowactors SUBCOMMAND --help`, which exits 0 (as sqlite-utils checks its CLI docs)."""
+    in `flowactors SUBCOMMAND --help`, which exits 0 (as sqlite-utils checks its CLI docs).
+    Input files the README has the reader write (`*.json`) exist, empty."""
     import shlex
 
     from click.testing import CliRunner
@@ -120,6 +138,9 @@ def test_every_command_the_readme_shows_parses_and_its_help_lists_its_options(co
     from flowactors.cli import main
 
     args = shlex.split(command)[1:]
+    monkeypatch.chdir(tmp_path)
+    for name in (a for a in args if a.endswith(".json")):
+        (tmp_path / name).write_text("")
     first = next(i for i, a in enumerate(args) if not a.startswith("-"))
     with main.make_context("flowactors", args[:first], resilient_parsing=True) as ctx:
         name, sub, rest = main.resolve_command(ctx, args[first:])
@@ -164,7 +185,8 @@ def test_the_field_reference_names_every_field_of_the_spec_and_the_views():
     text = (REPO / "README.md").read_text()
     section = text.split("## The spec and the views, field by field", 1)[1].split("\n## ", 1)[0]
     types = [fa.JobSpec, fa.TrainingQuery, fa.GRPOConfig, fa.JobView, Progress, Cost, JobError,
-             fa.CheckpointInfo, RecordedEvent, fa.Trajectory]
+             fa.CheckpointInfo, RecordedEvent, fa.Trajectory, fa.RecordedTrajectory,
+             fa.ForkOrigin, fa.ForkNote]
     missing = [f"{t.__name__}.{f.name}" for t in types for f in msgspec.structs.fields(t)
                if f"`{f.name}`" not in section]
     assert not missing, missing

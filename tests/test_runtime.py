@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from helpers import QUERIES, open_runtime, sim_spec, wait_until
+from helpers import MEMORY, QUERIES, open_runtime, sim_spec, wait_until
 from structlog.testing import capture_logs
 
 import flowactors as fa
@@ -25,11 +25,11 @@ def event_types(rt, job_id):
     return [r.type for r in rt.history(job_id)]
 
 
-def test_a_job_runs_to_completion_with_consistent_progress_metrics_and_cost(tmp_path):
+def test_a_job_runs_to_completion_with_consistent_progress_metrics_and_cost():
     """create → run → complete: progress 100%, metrics of the last iteration, cost summed."""
     spec = sim_spec(n_iterations=6, task_options={"cost_per_trajectory_usd": 0.5},
                     max_budget_usd=1000.0)
-    with open_runtime(tmp_path / "flow.db") as rt:
+    with open_runtime(MEMORY) as rt:
         job_id = rt.submit(spec)
         view = rt.wait(job_id, timeout=30)
         history = list(rt.history(job_id))
@@ -76,10 +76,10 @@ def test_checkpoints_fall_exactly_on_the_interval_and_each_can_resume(tmp_path):
         assert resumed[-1].event.final_state_digest == final.final_state_digest
 
 
-def test_cancel_mid_iteration_takes_effect_at_once(tmp_path):
+def test_cancel_mid_iteration_takes_effect_at_once():
     """With 30 s rollouts in flight, cancel returns in < 1 s and no iteration follows it."""
     spec = sim_spec(n_iterations=3, task_options={"rollout_seconds": 30.0})
-    with open_runtime(tmp_path / "flow.db") as rt:
+    with open_runtime(MEMORY) as rt:
         job_id = rt.submit(spec)
         wait_until(lambda: rt.status(job_id).status is fa.JobStatus.RUNNING)
         started = time.monotonic()
@@ -92,11 +92,11 @@ def test_cancel_mid_iteration_takes_effect_at_once(tmp_path):
     assert "job.iteration_completed" not in types
 
 
-def test_rollouts_of_an_iteration_run_in_parallel(tmp_path):
+def test_rollouts_of_an_iteration_run_in_parallel():
     """8 trajectories of 0.5 s each finish an iteration in < 2 s (serially it would be 4 s)."""
     spec = sim_spec(n_iterations=1, batch_size=1, n_trajectories_per_query=8,
                     max_parallel_rollouts=8, task_options={"rollout_seconds": 0.5})
-    with open_runtime(tmp_path / "flow.db") as rt:
+    with open_runtime(MEMORY) as rt:
         started = time.monotonic()
         job_id = rt.submit(spec)
         view = rt.wait(job_id, timeout=10)
@@ -105,7 +105,7 @@ def test_rollouts_of_an_iteration_run_in_parallel(tmp_path):
     assert elapsed < 2.0
 
 
-def test_per_job_parallelism_is_bounded(tmp_path):
+def test_per_job_parallelism_is_bounded():
     """max_parallel_rollouts=2 keeps at most two rollouts of a job in flight."""
     spec = sim_spec(n_iterations=1, batch_size=1, n_trajectories_per_query=6,
                     max_parallel_rollouts=2, task_options={"rollout_seconds": 0.05})
@@ -128,14 +128,14 @@ def test_per_job_parallelism_is_bounded(tmp_path):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(SimulatedTask, "rollout", counting)
-        with open_runtime(tmp_path / "flow.db") as rt:
+        with open_runtime(MEMORY) as rt:
             rt.wait(rt.submit(spec), timeout=10)
     assert peak == 2
 
 
-def test_fifty_concurrent_jobs_all_complete_and_never_share_an_event(tmp_path):
+def test_fifty_concurrent_jobs_all_complete_and_never_share_an_event():
     """50 jobs run at once; each completes; every event belongs to exactly one stream."""
-    with open_runtime(tmp_path / "flow.db", max_concurrent_jobs=50) as rt:
+    with open_runtime(MEMORY, max_concurrent_jobs=50) as rt:
         ids = [rt.submit(sim_spec(f"agent-{i}", seed=i)) for i in range(50)]
         views = [rt.wait(job_id, timeout=60) for job_id in ids]
         positions = {}
@@ -149,10 +149,10 @@ def test_fifty_concurrent_jobs_all_complete_and_never_share_an_event(tmp_path):
     assert len(all_events) == len(positions)
 
 
-def test_scheduler_admits_by_priority_then_submission_order(tmp_path):
+def test_scheduler_admits_by_priority_then_submission_order():
     """With one slot, queued jobs start by priority (higher first), then in submission order."""
     blocker = sim_spec("blocker", n_iterations=1, task_options={"rollout_seconds": 0.3})
-    with open_runtime(tmp_path / "flow.db", max_concurrent_jobs=1) as rt:
+    with open_runtime(MEMORY, max_concurrent_jobs=1) as rt:
         rt.submit(blocker, job_id="blocker")
         rt.submit(sim_spec("low", n_iterations=1), job_id="low")
         rt.submit(sim_spec("high", n_iterations=1, priority=5), job_id="high")
@@ -176,9 +176,9 @@ def test_state_persists_across_runtime_instances(tmp_path):
         assert [v.job_id for v in rt.jobs(status="completed")] == [job_id]
 
 
-def test_a_failing_task_fails_only_its_own_job(tmp_path):
+def test_a_failing_task_fails_only_its_own_job():
     """An exception in one job's update fails that job with the error; others complete."""
-    with open_runtime(tmp_path / "flow.db") as rt:
+    with open_runtime(MEMORY) as rt:
         bad = rt.submit(sim_spec("bad", task_options={"fail_at_iteration": 2}))
         good = rt.submit(sim_spec("good"))
         bad_view = rt.wait(bad, timeout=30)
@@ -189,10 +189,10 @@ def test_a_failing_task_fails_only_its_own_job(tmp_path):
     assert good_view.status is fa.JobStatus.COMPLETED
 
 
-def test_flaky_rollouts_are_failed_trajectories_not_failed_jobs(tmp_path):
+def test_flaky_rollouts_are_failed_trajectories_not_failed_jobs():
     """With failure_rate=0.5 the job completes and records its failed trajectories."""
     spec = sim_spec(n_iterations=4, task_options={"failure_rate": 0.5})
-    with open_runtime(tmp_path / "flow.db") as rt:
+    with open_runtime(MEMORY) as rt:
         job_id = rt.submit(spec)
         assert rt.wait(job_id, timeout=30).status is fa.JobStatus.COMPLETED
         failed = sum(r.event.n_failed for r in rt.history(job_id)
@@ -200,11 +200,11 @@ def test_flaky_rollouts_are_failed_trajectories_not_failed_jobs(tmp_path):
     assert failed > 0
 
 
-def test_rollout_timeout_is_a_failed_trajectory(tmp_path):
+def test_rollout_timeout_is_a_failed_trajectory():
     """A rollout slower than rollout_timeout_s is recorded failed and the iteration goes on."""
     spec = sim_spec(n_iterations=1, batch_size=1, n_trajectories_per_query=2,
                     rollout_timeout_s=0.1, task_options={"rollout_seconds": 30.0})
-    with open_runtime(tmp_path / "flow.db") as rt:
+    with open_runtime(MEMORY) as rt:
         job_id = rt.submit(spec)
         assert rt.wait(job_id, timeout=10).status is fa.JobStatus.COMPLETED
         (iteration,) = [r.event for r in rt.history(job_id)
@@ -238,9 +238,9 @@ def test_pause_and_resume_lose_and_repeat_no_iteration(tmp_path):
     assert history[-1].event.final_state_digest == reference_final.final_state_digest
 
 
-def test_illegal_controls_raise_and_write_nothing(tmp_path):
+def test_illegal_controls_raise_and_write_nothing():
     """Resume a running job, cancel a completed one, act on an unknown job: typed errors."""
-    with open_runtime(tmp_path / "flow.db") as rt:
+    with open_runtime(MEMORY) as rt:
         done = rt.submit(sim_spec(n_iterations=1))
         rt.wait(done, timeout=10)
         versions = rt.status(done).version
@@ -258,10 +258,10 @@ def test_illegal_controls_raise_and_write_nothing(tmp_path):
         rt.cancel(slow)
 
 
-def test_submit_is_idempotent_with_a_job_id_and_rejects_bad_specs(tmp_path):
+def test_submit_is_idempotent_with_a_job_id_and_rejects_bad_specs():
     """Same id + spec → same job, one submission; other spec, bad spec or task → SpecError,
     nothing written."""
-    with open_runtime(tmp_path / "flow.db") as rt:
+    with open_runtime(MEMORY) as rt:
         spec = sim_spec(n_iterations=1)
         assert rt.submit(spec, job_id="mine") == "mine"
         assert rt.submit(spec, job_id="mine") == "mine"
@@ -287,11 +287,11 @@ def test_a_second_runtime_on_an_owned_log_is_refused(tmp_path):
             open_runtime(path)
 
 
-def test_budget_stops_the_job(tmp_path):
+def test_budget_stops_the_job():
     """Reaching max_budget_usd fails the job with reason budget_exhausted, after thresholds."""
     spec = sim_spec(n_iterations=50, max_budget_usd=1.0,
                     task_options={"cost_per_trajectory_usd": 0.1})
-    with open_runtime(tmp_path / "flow.db") as rt:
+    with open_runtime(MEMORY) as rt:
         job_id = rt.submit(spec)
         view = rt.wait(job_id, timeout=30)
         types = event_types(rt, job_id)
@@ -300,7 +300,7 @@ def test_budget_stops_the_job(tmp_path):
     assert view.cost.cost_usd >= 1.0 and view.progress.current_iteration < 50
 
 
-def test_an_unexpected_actor_error_is_restarted_by_replay(tmp_path, monkeypatch):
+def test_an_unexpected_actor_error_is_restarted_by_replay(monkeypatch):
     """A bug in the actor (not the task) restarts the job from its last checkpoint; it still
     completes, with the restart counted in attempts."""
     import flowactors.trajectories as trajectories
@@ -315,7 +315,7 @@ def test_an_unexpected_actor_error_is_restarted_by_replay(tmp_path, monkeypatch)
         return original(iteration, groups, metrics)
 
     monkeypatch.setattr(trajectories, "iteration_result", flaky)
-    with open_runtime(tmp_path / "flow.db") as rt:
+    with open_runtime(MEMORY) as rt:
         job_id = rt.submit(sim_spec(n_iterations=5, checkpoint_interval=2))
         view = rt.wait(job_id, timeout=30)
         recoveries = [r.event for r in rt.history(job_id) if isinstance(r.event, JobRecovered)]
@@ -323,7 +323,7 @@ def test_an_unexpected_actor_error_is_restarted_by_replay(tmp_path, monkeypatch)
     assert recoveries == [JobRecovered(from_checkpoint=2, attempt=1, cause="restart")]
 
 
-def test_restarts_are_bounded_then_the_job_fails(tmp_path, monkeypatch):
+def test_restarts_are_bounded_then_the_job_fails(monkeypatch):
     """An actor that keeps crashing fails its job with reason restarts_exhausted."""
     import flowactors.trajectories as trajectories
 
@@ -331,16 +331,16 @@ def test_restarts_are_bounded_then_the_job_fails(tmp_path, monkeypatch):
         raise ZeroDivisionError("always")
 
     monkeypatch.setattr(trajectories, "iteration_result", broken)
-    with open_runtime(tmp_path / "flow.db") as rt:
+    with open_runtime(MEMORY) as rt:
         job_id = rt.submit(sim_spec())
         view = rt.wait(job_id, timeout=30)
     assert view.status is fa.JobStatus.FAILED
     assert view.error.reason == "restarts_exhausted" and view.attempts == 3
 
 
-def test_watch_tails_events_as_they_commit(tmp_path):
+def test_watch_tails_events_as_they_commit():
     """watch(job) yields the job's events in order and ends with its terminal event."""
-    with open_runtime(tmp_path / "flow.db") as rt:
+    with open_runtime(MEMORY) as rt:
         job_id = rt.submit(sim_spec(task_options={"rollout_seconds": 0.01}), job_id="w")
         seen = list(rt.watch(job_id))
         history = list(rt.history(job_id))
@@ -364,19 +364,19 @@ def test_close_writes_no_job_events_and_reopen_resumes(tmp_path):
         assert any(isinstance(r.event, JobRecovered) for r in rt.history(job_id))
 
 
-def test_every_job_log_line_carries_its_job_id(tmp_path):
+def test_every_job_log_line_carries_its_job_id():
     """structlog lines emitted for a job are bound to its job_id."""
     with capture_logs() as logs:
-        with open_runtime(tmp_path / "flow.db") as rt:
+        with open_runtime(MEMORY) as rt:
             job_id = rt.submit(sim_spec(n_iterations=1))
             rt.wait(job_id, timeout=10)
     started = [e for e in logs if e["event"] == "job_started"]
     assert started and all(e["job_id"] == job_id for e in started)
 
 
-def test_same_spec_and_seed_train_identical_policies_side_by_side(tmp_path):
+def test_same_spec_and_seed_train_identical_policies_side_by_side():
     """Determinism comes from the seed, never the job id."""
-    with open_runtime(tmp_path / "flow.db") as rt:
+    with open_runtime(MEMORY) as rt:
         a, b = rt.submit(sim_spec()), rt.submit(sim_spec())
         finals = [[r.event for r in rt.history(j)][-1] for j in (rt.wait(a, 30).job_id,
                                                                   rt.wait(b, 30).job_id)]
@@ -401,9 +401,9 @@ def test_control_requests_from_another_process_are_answered(tmp_path):
     assert answer.outcome == "rejected" and "completed" in answer.reason
 
 
-def test_final_state_blob_matches_its_digest(tmp_path):
+def test_final_state_blob_matches_its_digest():
     """The completion references a blob whose content hashes to the recorded digest."""
-    with open_runtime(tmp_path / "flow.db") as rt:
+    with open_runtime(MEMORY) as rt:
         job_id = rt.submit(sim_spec(n_iterations=3, checkpoint_interval=2))
         rt.wait(job_id, timeout=10)
         final = [r.event for r in rt.history(job_id)][-1]
@@ -436,8 +436,8 @@ def rollout_threads(monkeypatch) -> list[str]:
     ({"task_options": {"rollout_seconds": 0.001}}, False),  # slow ones use the pool
     ({"rollout_timeout_s": 5.0}, False),  # a timeout needs the pool
 ])
-def test_inline_rollouts_run_on_the_jobs_own_thread(tmp_path, rollout_threads, config, inline):
-    with open_runtime(tmp_path / "flow.db") as rt:
+def test_inline_rollouts_run_on_the_jobs_own_thread(rollout_threads, config, inline):
+    with open_runtime(MEMORY) as rt:
         view = rt.wait(rt.submit(sim_spec(n_iterations=3, **config)), timeout=30)
     assert view.status is fa.JobStatus.COMPLETED
     updates = {name.split("@")[1] for name in rollout_threads if name.startswith("update@")}
@@ -447,11 +447,11 @@ def test_inline_rollouts_run_on_the_jobs_own_thread(tmp_path, rollout_threads, c
 
 
 @pytest.mark.parametrize("command", ["cancel", "pause"])
-def test_a_job_with_inline_rollouts_obeys_a_request_between_iterations(tmp_path, command):
+def test_a_job_with_inline_rollouts_obeys_a_request_between_iterations(command):
     """Iterations run back to back on the job's thread, yet a request waiting in its inbox
     is handled after the iteration in progress: the job stops long before its end."""
     spec = sim_spec(n_iterations=1_000_000, checkpoint_interval=1_000_000)
-    with open_runtime(tmp_path / "flow.db") as rt:
+    with open_runtime(MEMORY) as rt:
         job_id = rt.submit(spec)
         wait_until(lambda: rt.status(job_id).progress.current_iteration >= 3)
         view = getattr(rt, command)(job_id)

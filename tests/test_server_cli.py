@@ -204,6 +204,6 @@ def test_the_readme_python_client_runs_against_a_server(tmp_path, quiet_logs):
                                   stdin=subprocess.DEVNULL)
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == "completed"
-        assert runtime.status("job-1").status is JobStatus.COMPLETED
+        assert runtime.status("job-2").status is JobStatus.COMPLETED
     finally:
         runtime.close()

@@ -10,39 +10,15 @@ from helpers import open_runtime, sim_spec
 
 import flowactors as fa
 from flowactors.cli import main
-from flowactors.demo import DEFAULT_JOBS, demo, demo_specs
-from flowactors.events import CheckpointSaved, JobCompleted, JobSubmitted
-from flowactors.store import EventStore
+from flowactors.demo import demo_specs
 from flowactors.testing import check_resume
 
 torch = pytest.importorskip("torch")
 from flowactors.tasks.toolchoice_torch import TorchToolChoiceTask  # noqa: E402
 
+
 def torch_specs(n_jobs: int, n_iterations: int) -> dict[str, fa.JobSpec]:
     return demo_specs(n_jobs, n_iterations, "toolchoice-torch")
-
-
-@pytest.mark.timeout(300)
-def test_demo_torch_learns_visibly_from_at_most_half_to_at_least_nine_tenths(tmp_path):
-    """`flowactors demo --torch`: every job's held-out success is ≤ 0.5 at its iteration-5
-    checkpoint and ≥ 0.9 at the end; the demo says PASS and the log agrees."""
-    db = tmp_path / "flow.db"
-    result = CliRunner().invoke(demo, ["--db", str(db), "--torch", "--plain"])
-    assert result.exit_code == 0 and "PASS" in result.output, result.output
-    at_5: dict[str, float] = {}
-    final: dict[str, float] = {}
-    with EventStore(db, mode="readonly") as store:
-        for recorded in store.read_all():
-            event = recorded.event
-            if isinstance(event, JobSubmitted):
-                assert event.spec.task == "toolchoice-torch"
-            elif isinstance(event, CheckpointSaved) and event.iteration == 5:
-                at_5[recorded.stream] = event.validation_score
-            elif isinstance(event, JobCompleted):
-                final[recorded.stream] = event.validation_score
-    assert sorted(at_5) == sorted(final) == [f"demo-{i}" for i in range(DEFAULT_JOBS)]
-    assert all(score <= 0.5 for score in at_5.values()), at_5
-    assert all(score >= 0.9 for score in final.values()), final
 
 
 class CountingTask(TorchToolChoiceTask):

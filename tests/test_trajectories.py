@@ -64,6 +64,33 @@ def test_filters_select_by_iteration_success_reward_and_limit(finished):
             rt.trajectories("nope")
 
 
+def test_one_iterations_read_decodes_only_that_iterations_event(finished, monkeypatch):
+    """Reading iteration 3 decodes one whole event (its own), not the rest of the stream, and
+    finds the same trajectories as reading them all and keeping iteration 3's."""
+    decoded = []
+    decode_event = trajectories.codec.decode_event
+
+    def counting(type_, schema_version, data):
+        event = decode_event(type_, schema_version, data)
+        decoded.append((type_, getattr(event, "iteration", None)))
+        return event
+
+    with EventStore(finished, mode="readonly") as store:
+        every = trajectories.read(store, "job")
+        monkeypatch.setattr(trajectories.codec, "decode_event", counting)
+        third = trajectories.read(store, "job", iteration=3)
+    assert decoded == [("job.iteration_completed", 3)]
+    assert third == [t for t in every if t.iteration == 3] and len(third) == 4
+
+
+def test_an_iteration_event_that_does_not_decode_names_its_position():
+    """A stored iteration row that is not MessagePack is a LogCorrupted naming the file and
+    the position, not a decoder's error."""
+    rows = [(7, 3, "job.iteration_completed", 2, b"\xc1")]
+    with pytest.raises(fa.LogCorrupted, match=r"^flow\.db, position 7: "):
+        trajectories.select_stored("flow.db", rows, iteration=1)
+
+
 def test_recording_off_keeps_none(tmp_path):
     """With record_trajectories=False the iterations name no trajectories."""
     with open_runtime(tmp_path / "flow.db") as rt:

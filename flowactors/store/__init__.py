@@ -8,7 +8,7 @@ A package of named parts, each one role:
     writer        the group-commit writer thread (and the WAL checkpointer)
     reader        reading events in order or by stream, decoded
     blobs         content-addressed blobs and the streams that reference them
-    inbox         control requests and answers
+    inbox         control and fork requests, and answers
     integrity     `verify`, as steps over one snapshot
     open_check    the checks an open runs beside its replay, from the same steps
     history_rows  the rows a recorded history becomes (for `testing.log_from_history`)
@@ -17,7 +17,7 @@ A package of named parts, each one role:
 Every SQL statement of flowactors is in this package.
 """
 
-from ..control import ControlCommand as Command
+from ..control import RequestCommand as Command
 from ..ports import Answer, Request, VerifyReport
 from .chain import GENESIS_HASH, row_hash
 from .connections import Owner, owner_of

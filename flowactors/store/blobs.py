@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
+from typing import Any
 
 from ..codec import digest as content_digest
 from ..errors import BlobNotFound, LogCorrupted
@@ -104,3 +105,25 @@ def check_all(conn: sqlite3.Connection) -> tuple[int, str | None]:
     if missing is not None:
         return checked_, f"blob {missing[0]} is referenced by stream {missing[1]!r} but missing"
     return checked_, None
+
+
+class SqliteCheckpoints:
+    """The `CheckpointStore` of a log's blobs table, over an open `EventStore` (its writes go
+    through the owner's writer)."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+
+    def put(self, data: bytes) -> str:
+        data = bytes(data)
+        return self._store._call_in_writer(lambda conn: put(conn, data)).result()
+
+    def get(self, address: str) -> bytes:
+        return self._store.get_blob(address)
+
+    def has(self, address: str) -> bool:
+        return self._store.has_blob(address)
+
+    def delete(self, address: str) -> bool:
+        return self._store._call_in_writer(
+            lambda conn: delete_unreferenced(conn, address)).result()

@@ -7,7 +7,7 @@ columns (`chain`), so `verify` (`integrity`) detects an edited, removed or reord
 
 Ownership: one owner (`connections.OwnerLock`) writes events, through the group-commit
 `writer`. Read-only opens read freely (`reader`), even while the owner writes. A "requester"
-open may only add control requests to the `inbox`, which the owner reads and answers.
+open may only add requests (control commands, forks) to the `inbox`, which the owner reads and answers.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from typing import Any, Literal
 
 from ..codec import digest as content_digest
 from ..codec import encode_append
-from ..control import ControlCommand
+from ..control import ForkRequest, RequestCommand
 from ..errors import FlowError, LogCorrupted, LogNotFound, StoreUnavailable
 from ..events import Event, RecordedEvent
 from ..ports import Answer, Outcome, Request, VerifyReport
 from . import blobs, inbox, integrity
+from .blobs import SqliteCheckpoints
 from .chain import GENESIS_HASH
 from .connections import (
     OwnerLock,
@@ -37,7 +38,7 @@ from .connections import (
 )
 from .open_check import OpenCheck
 from .reader import Reader
-from .schema import FORMAT_VERSION, check_header, check_schema, create_log_file
+from .schema import FORMAT_VERSION, check_header, check_schema, create_log_file, migrate
 from .writer import Writer, _Append, _Call
 from ..logs import get_logger
 
@@ -116,6 +117,8 @@ class EventStore:
             if mode != "wal":
                 raise StoreUnavailable(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
             check_schema(self.path, conn)
+            if migrate(conn):
+                log.info("log_migrated", path=self.path, change="inbox takes forks")
             head = self._reader.head() if exists else (0, GENESIS_HASH)
         except sqlite3.Error as exc:
             conn.close()
@@ -299,6 +302,12 @@ class EventStore:
         """
         return self._reader.read_stream(stream, from_version)
 
+    def stored_stream(self, stream: str, from_version: int = 1
+                      ) -> Iterator[tuple[int, int, str, int, bytes]]:
+        """One stream's rows as stored, in version order: (position, version, type,
+        schema_version, data), for a reader that decodes a few (`codec.decode_event`)."""
+        return self._reader.stored_stream(stream, from_version)
+
     def read_types(self, types: Sequence[str]) -> Iterator[RecordedEvent]:
         """Every event of these types (tags), in position order: a scan of one column, for
         the few kinds of event a check needs out of a long log."""
@@ -390,16 +399,20 @@ class EventStore:
 
     # --- the inbox ---
 
-    def request(self, job_id: str, command: ControlCommand) -> int:
-        """Leave a control request for the owner; return its id. Modes "requester" and "owner".
+    def request(self, job_id: str, command: RequestCommand,
+                fork: ForkRequest | None = None) -> int:
+        """Leave a request (a fork's with its ForkRequest) for the owner; return its id.
+        Modes "requester" and "owner".
 
         Raises:
-            InvalidRequest: command is not pause, resume or cancel; job_id is not a non-empty
-                str the log can store.
-            StoreUnavailable: read-only open, closed store, or the write failed.
+            InvalidRequest: an unknown command, a fork without its arguments (or another
+                command with some), a job_id that is not a non-empty str the log can store.
+            StoreUnavailable: read-only open, closed store, the write failed, or a fork to a
+                log whose inbox does not take forks (an older owner).
         """
-        inbox.check_request(job_id, command)
-        return self._inbox_write(inbox.insert_request(job_id, command), "request")
+        args = inbox.check_request(job_id, command, fork)
+        return self._inbox_write(inbox.insert_request(self.path, job_id, command, args),
+                                 "request")
 
     def answer(self, request_id: int, outcome: Outcome, reason: str = "") -> None:
         """Record the owner's decision on a request (owner only).
@@ -436,24 +449,3 @@ class EventStore:
         """The answer to a request, or None while it is pending (or unknown)."""
         return inbox.answer_from(self.path, request_id,
                                  self._reader.query(inbox.SELECT_ANSWER, (request_id,)))
-
-
-class SqliteCheckpoints:
-    """The `CheckpointStore` of a log's blobs table (its writes go through the writer)."""
-
-    def __init__(self, store: EventStore) -> None:
-        self._store = store
-
-    def put(self, data: bytes) -> str:
-        data = bytes(data)
-        return self._store._call_in_writer(lambda conn: blobs.put(conn, data)).result()
-
-    def get(self, address: str) -> bytes:
-        return self._store.get_blob(address)
-
-    def has(self, address: str) -> bool:
-        return self._store.has_blob(address)
-
-    def delete(self, address: str) -> bool:
-        return self._store._call_in_writer(
-            lambda conn: blobs.delete_unreferenced(conn, address)).result()

@@ -31,11 +31,15 @@ _READ_COLUMNS = EVENT_COLUMNS.replace(
     "THEN NULL ELSE type END")
 _READ_COLUMNS_NO_HASH = _READ_COLUMNS.replace(", hash", ", ''")  # the same shape
 # One stream's events: point lookups in the (version, stream) index, version after version.
-_SELECT_STREAM = f"""
+_LOOKUPS = """
     WITH RECURSIVE wanted(v) AS (SELECT ?1 UNION ALL SELECT v + 1 FROM wanted WHERE v < ?2)
-    SELECT {", ".join("e." + c for c in EVENT_COLUMNS.split(", "))}
-    FROM wanted CROSS JOIN events AS e ON e.version = wanted.v AND e.stream = ?3"""
+    SELECT {} FROM wanted CROSS JOIN events AS e ON e.version = wanted.v AND e.stream = ?3"""
+_SELECT_STREAM = _LOOKUPS.format(", ".join("e." + c for c in EVENT_COLUMNS.split(", ")))
 _EXPORT_COLUMNS = EVENT_COLUMNS.replace(", hash", "")
+# The same lookups, the rows as stored and only what telling events apart takes (no time, no
+# hash): for a reader that decodes a few of a stream's events.
+_SELECT_STREAM_STORED = _LOOKUPS.format(
+    "e.position, e.version, e.type, e.schema_version, e.data")
 
 
 def probe_head(conn: sqlite3.Connection, stream: str) -> int:
@@ -196,14 +200,26 @@ class Reader:
 
     def read_stream(self, stream: str, from_version: int = 1) -> Iterator[RecordedEvent]:
         """See `EventStore.read_stream`."""
+        for rows in self.stream_chunks(_SELECT_STREAM, stream, from_version):
+            for events in self.events((rows,)):
+                yield from events
+
+    def stored_stream(self, stream: str, from_version: int = 1
+                      ) -> Iterator[tuple[int, int, str, int, bytes]]:
+        """See `EventStore.stored_stream`."""
+        for rows in self.stream_chunks(_SELECT_STREAM_STORED, stream, from_version):
+            yield from rows
+
+    def stream_chunks(self, sql: str, stream: str, from_version: int) -> Iterator[list[Any]]:
+        """The rows of `sql` (a stream's point lookups) for one stream, a chunk of versions
+        at a time, until its last version."""
         if type(stream) is not str:
             raise TypeError(f"stream must be a str, not {stream!r}")
         start = max(from_version, 1)
         while True:
             end = start + _STREAM_CHUNK - 1
-            rows = self.query(_SELECT_STREAM, (start, end, stream))
-            for events in self.events((rows,)):
-                yield from events
+            rows = self.query(sql, (start, end, stream))
+            yield rows
             if len(rows) < _STREAM_CHUNK:  # versions are contiguous: the first miss is the end
                 return
             start = end + 1

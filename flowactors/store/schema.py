@@ -16,6 +16,12 @@ Only a log dominated by much longer finished jobs favours (stream, version). Per
 use the same index with point lookups (version = ? AND stream = ?) over consecutive versions
 (see `reader.SELECT_STREAM`): a range on `version` would scan every stream's entries.
 
+The inbox's `requests.args` column and the `fork` command came later, without a new format
+version: a log without them is still format 1 and opens everywhere. Its owner adds both when
+it opens it (`migrate`, one transaction, recorded in `meta`); readers never write, so until an
+owner of this version opened it a log's inbox takes the three control commands only. An older
+owner of a migrated log reads the requests it knows and rejects a fork as an unknown command.
+
 Not guarded: a foreign connection's INSERT OR REPLACE deletes the row it replaces without
 firing delete triggers (unless it enables recursive_triggers). A BEFORE INSERT trigger against
 it costs ~30% of append throughput; `verify` detects the result (hash chain, gaps) instead.
@@ -31,7 +37,7 @@ from typing import Any
 import sqlite_utils
 
 from .chain import GENESIS_HASH, read_only_uri
-from ..control import CONTROL_COMMANDS
+from ..control import REQUEST_COMMANDS
 from ..faults import fault_point
 from ..errors import LogCorrupted
 
@@ -48,6 +54,15 @@ _REQUIRED_TABLES = frozenset({"meta", "events", "blobs", "blob_refs", "requests"
 def _one_of(values: tuple[str, ...]) -> str:
     return ", ".join(f"'{v}'" for v in values)
 
+
+_REQUESTS_CHECK_COMMAND = f"""CREATE TRIGGER requests_check_command BEFORE INSERT ON requests
+       WHEN NEW.command NOT IN ({_one_of(REQUEST_COMMANDS)})
+         OR (NEW.command = 'fork') <> (NEW.args IS NOT NULL)
+       BEGIN SELECT RAISE(ABORT,
+         'flowactors: requests.command is pause, resume, cancel or fork (only fork has args)');
+       END"""
+_MIGRATED_INBOX = "inbox_fork_added_at"
+"""The `meta` key `migrate` records, with the time it added forks to an old log's inbox."""
 
 _TRIGGERS = [
     *(
@@ -71,9 +86,7 @@ _TRIGGERS = [
     """CREATE TRIGGER blob_refs_check_op BEFORE INSERT ON blob_refs
        WHEN NEW.op NOT IN ('ref', 'release')
        BEGIN SELECT RAISE(ABORT, 'flowactors: blob_refs.op is ref or release'); END""",
-    f"""CREATE TRIGGER requests_check_command BEFORE INSERT ON requests
-       WHEN NEW.command NOT IN ({_one_of(CONTROL_COMMANDS)})
-       BEGIN SELECT RAISE(ABORT, 'flowactors: requests.command is pause, resume or cancel'); END""",
+    _REQUESTS_CHECK_COMMAND,
     f"""CREATE TRIGGER answers_check_outcome BEFORE INSERT ON answers
        WHEN NEW.outcome NOT IN ({_one_of(OUTCOMES)})
        BEGIN SELECT RAISE(ABORT, 'flowactors: answers.outcome is applied or rejected'); END""",
@@ -109,7 +122,7 @@ def create_schema(conn: sqlite3.Connection) -> None:
         db["blob_refs"].create_index(["digest", "stream", "op"], index_name="blob_refs_digest")
         db.create_table(
             "requests",
-            {"id": int, "job_id": str, "command": str, "requested_at": str},
+            {"id": int, "job_id": str, "command": str, "requested_at": str, "args": bytes},
             pk="id", not_null={"job_id", "command", "requested_at"},
         )
         db.create_table(
@@ -128,6 +141,37 @@ def create_schema(conn: sqlite3.Connection) -> None:
                            "schema_version, recorded_at, data])), prev of position 1 = 32 zero "
                            "bytes"),
         )
+
+
+def takes_forks(conn: sqlite3.Connection) -> bool:
+    """Whether the log's inbox takes fork requests (its `requests` has `args`, and its trigger
+    lets `fork` in)."""
+    has_args = conn.execute(
+        "SELECT 1 FROM pragma_table_info('requests') WHERE name = 'args'").fetchone()
+    trigger = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'trigger' "
+                           "AND name = 'requests_check_command'").fetchone()
+    return has_args is not None and trigger is not None and "'fork'" in trigger[0]
+
+
+def migrate(conn: sqlite3.Connection) -> bool:
+    """Let an older log's inbox take forks: add `requests.args` and replace the command
+    trigger, in one transaction (the owner's, on open). Returns whether anything changed."""
+    if takes_forks(conn):
+        return False
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if conn.execute("SELECT 1 FROM pragma_table_info('requests') WHERE name = 'args'"
+                        ).fetchone() is None:
+            conn.execute("ALTER TABLE requests ADD COLUMN args BLOB")
+        conn.execute("DROP TRIGGER IF EXISTS requests_check_command")
+        conn.execute(_REQUESTS_CHECK_COMMAND)
+        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                     (_MIGRATED_INBOX, now_iso()))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return True
 
 
 def create_log_file(path: str) -> None:
