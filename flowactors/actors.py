@@ -21,7 +21,7 @@ import pykka
 from . import codec, trajectories
 from .checkpointing import StateStore, StoredBlob
 from .errors import CheckpointUnstorable, FlowError
-from .events import Event, IterationCompleted, RecordedEvent
+from .events import Event, IterationCompleted, JobFailed, RecordedEvent
 from .faults import fault_point
 from .job import (
     Cancel,
@@ -29,14 +29,17 @@ from .job import (
     Fail,
     JobState,
     Pause,
+    RecordCheckpoint,
     RecordIteration,
     SavedState,
+    checkpoint_due,
     decide,
     fold,
     needs_saved_state,
 )
 from .logs import get_logger
 from .rollouts import RolloutBackend, RolloutHandle, run_inline
+from .saving import CheckpointSaves, SaveInFlight, Snapshot, saved_state, take_snapshot
 from .tasks import Task, Trajectory, restore, snapshot, state_decoder
 from .training import batch_for, split_data
 
@@ -49,6 +52,7 @@ class JobHost(Protocol):
     store: Any
     state_store: StateStore  # where trainer states go (the log, or checkpoint files)
     rollouts: RolloutBackend  # where the job's rollouts run
+    saves: CheckpointSaves | None  # writes large checkpoints in the background (None: inline)
     closing: bool
     ready: threading.Event  # set once the runtime has started every recovered job
 
@@ -62,6 +66,12 @@ class JobHost(Protocol):
 class _RolloutsDone(msgspec.Struct, frozen=True):
     iteration: int
     groups: list[list[Trajectory]]
+
+
+class _SaveDone(msgspec.Struct, frozen=True):
+    """The checkpoint of `iteration` is durable (or failed): record it between steps."""
+
+    iteration: int
 
 
 class _RunInline(msgspec.Struct, frozen=True):
@@ -112,6 +122,7 @@ class JobActor(pykka.ThreadingActor):
         self.inline = host.rollouts.runs_inline(task, self.spec)
         self.never_cancelled = threading.Event()  # inline rollouts run to completion
         self.batch: RolloutHandle | None = None
+        self.in_flight: SaveInFlight | None = None  # at most one checkpoint being written
         self.pause_requested = False
         self.stopped_with: BaseException | None = None
         self.stopping = False
@@ -133,6 +144,7 @@ class JobActor(pykka.ThreadingActor):
         self.stopping = True
         if self.batch is not None:
             self.batch.cancel()
+        self._abandon_save()
         self.host.actor_stopped(self.state.job_id, self.state, self.stopped_with)
 
     def on_failure(self, exception_type: Any, exception_value: Any, tb: Any) -> None:
@@ -140,6 +152,7 @@ class JobActor(pykka.ThreadingActor):
         self.stopping = True
         if self.batch is not None:
             self.batch.cancel()
+        self._abandon_save()
         self.log.error("job_actor_crashed", error=repr(exception_value),
                        traceback="".join(traceback.format_tb(tb)))
         self.host.actor_stopped(self.state.job_id, self.state, exception_value)
@@ -156,10 +169,17 @@ class JobActor(pykka.ThreadingActor):
                     self._continue()
             case _RunInline():
                 self._run_inline_iterations()
+            case _SaveDone(iteration=iteration):
+                if self.in_flight is not None and self.in_flight.iteration == iteration:
+                    try:
+                        self._settle()
+                    except _Stopped:
+                        pass
             case CancelRequest(reason=reason):
                 self._cancel(reason)
             case RecordLineage(events=events):
                 try:
+                    self._settle()
                     self._append(list(events))
                 except _Stopped:
                     return False
@@ -269,24 +289,32 @@ class JobActor(pykka.ThreadingActor):
     def _record_iteration(self, iteration: int, groups: list[list[Trajectory]]) -> bool:
         """Update the trainer and record the iteration; False if the job stopped instead."""
         try:
-            blobs: list[bytes] = []
-            saved = None
-            stored = None
             try:  # the task's own code: its exceptions fail the job, not the runtime
                 trainer, metrics = self.task.update(self.trainer, groups, self.spec.config)
-                if needs_saved_state(self.spec, iteration):
-                    snap = snapshot(self.task, trainer)
-                    blob = codec.encode(snap)
-                    stored = self._store(blob, blobs)
-                    saved = self._saved_state(trainer, snap, stored)
             except Exception as exc:
                 self._fail_task(exc)
                 return False
-            result = _iteration_result(iteration, groups, metrics)
+            result = trajectories.iteration_result(iteration, groups, metrics)
+            due = needs_saved_state(self.spec, iteration)
+            if due:
+                self._settle()  # at most one in flight: the one before is recorded first
+            blobs: list[bytes] = []
+            saved = stored = deferred = None
+            if due:
+                try:
+                    saved, stored, deferred = self._save_state(iteration, trainer, result, blobs)
+                except Exception as exc:  # the task's, or a state that cannot be stored
+                    self._fail_task(exc)
+                    return False
             if self.spec.config.record_trajectories:
                 result = trajectories.attach(
                     result, batch_for(self.spec, self.train, iteration), groups, blobs)
-            events = decide(RecordIteration(result=result, saved=saved), self.state)
+            command = RecordIteration(result=result, saved=saved,
+                                      checkpoint_later=deferred is not None)
+            events = decide(command, self.state)
+            if self.in_flight is not None and len(events) > 1:
+                self._settle()  # a threshold or the end: the checkpoint in flight goes first
+                events = decide(command, self.state)
             releases = [r for e in events for r in getattr(e, "released", ())]
             fault_point("actor.checkpoint" if stored else "actor.iteration")
             try:
@@ -295,9 +323,83 @@ class JobActor(pykka.ThreadingActor):
                 if stored is not None:
                     self.host.state_store.settled(stored)
             self.trainer = trainer
+            if deferred is not None:
+                self._start_save(iteration, deferred)
             return True
         except _Stopped:
             return False
+
+    def _save_state(self, iteration: int, trainer: Any, result: IterationCompleted,
+                    blobs: list[bytes]
+                    ) -> tuple[SavedState | None, StoredBlob | None, Snapshot | None]:
+        """The iteration's trainer state: stored now (its SavedState and StoredBlob), or, for
+        a checkpoint bound for the checkpoint store, a snapshot to write in the background."""
+        inline_max = self.host.state_store.inline_max_bytes
+        defer = self._may_defer(iteration, result)
+        taken = take_snapshot(self.task, trainer, self.held_out, defer=defer,
+                              inline_max=inline_max)
+        if defer and (taken.blob is None or len(taken.blob) > inline_max):
+            return None, None, taken
+        assert taken.blob is not None and taken.digests is not None
+        stored = self._store(taken.blob, blobs)
+        return saved_state(taken.digests, stored, taken.score), stored, None
+
+    def _may_defer(self, iteration: int, result: IterationCompleted) -> bool:
+        """A checkpoint may be written in the background unless its iteration ends the job
+        (the last one, or the budget spent): its state is then the job's result."""
+        if self.host.saves is None or not checkpoint_due(self.spec, iteration) \
+                or iteration >= self.spec.config.n_iterations:
+            return False
+        events = decide(RecordIteration(result=result, checkpoint_later=True), self.state)
+        return not any(isinstance(e, JobFailed) for e in events)
+
+    def _start_save(self, iteration: int, taken: Snapshot) -> None:
+        assert self.host.saves is not None and self.in_flight is None
+        save = self.host.saves.start(iteration, self.state.metrics, taken)
+        self.in_flight = save
+        actor_ref = self.actor_ref
+
+        def done(_: Any) -> None:
+            try:
+                actor_ref.tell(_SaveDone(iteration))
+            except pykka.ActorDeadError:
+                pass  # the actor stopped: _abandon_save settles the file
+
+        save.future.add_done_callback(done)
+
+    def _settle(self) -> None:
+        """Wait for the checkpoint in flight, if any, and record it; a save that failed fails
+        the job (raising _Stopped, as a refused append does)."""
+        save, self.in_flight = self.in_flight, None
+        if save is None:
+            return
+        if not save.future.done():  # the checkpoints come faster than they are written
+            self.log.info("checkpoint_awaited", iteration=save.iteration)
+        try:
+            saved = save.future.result()
+        except Exception as exc:
+            if self.host.closing:
+                self._finish()
+                raise _Stopped() from exc
+            self._fail_task(exc)
+            raise _Stopped() from exc
+        stored = StoredBlob(address=saved.state_ref, size=saved.size or 0,
+                            location=saved.location)
+        try:
+            events = decide(RecordCheckpoint(iteration=save.iteration, saved=saved,
+                                             metrics=save.metrics), self.state)
+            releases = [r for e in events for r in getattr(e, "released", ())]
+            fault_point("actor.checkpoint")
+            self._append(events, (), releases)
+        finally:
+            self.host.state_store.settled(stored)
+
+    def _abandon_save(self) -> None:
+        """The job stops with a checkpoint in flight: no event will name its file, which the
+        next open sweeps; its pending mark goes once it is written."""
+        save, self.in_flight = self.in_flight, None
+        if save is not None:
+            save.settled_by(self.host.state_store)
 
     def _store(self, blob: bytes, blobs: list[bytes]) -> StoredBlob:
         """Make a state durable before its event; one the log keeps goes into `blobs`."""
@@ -305,16 +407,6 @@ class JobActor(pykka.ThreadingActor):
         if stored.location is None:
             blobs.append(blob)
         return stored
-
-    def _saved_state(self, trainer: Any, snap: Any, stored: StoredBlob) -> SavedState:
-        score = float(self.task.evaluate(trainer, self.held_out))
-        return SavedState(
-            state_ref=stored.address, size=stored.size, location=stored.location,
-            validation_score=score,
-            policy_digest=codec.digest_of(getattr(snap, "policy", snap)),
-            optimizer_digest=_digest_if_any(getattr(snap, "optimizer", None)),
-            rng_digest=_digest_if_any(getattr(snap, "rng", None)),
-        )
 
     def _fail_task(self, exc: Exception) -> None:
         """The task raised, or its state could not be stored: decided once, recorded."""
@@ -330,6 +422,7 @@ class JobActor(pykka.ThreadingActor):
             self.batch.cancel()
             self.batch = None
         try:
+            self._settle()  # the checkpoint taken counts: the cancelled job keeps it
             self._decide_and_append(Cancel(reason=reason))
             self.log.info("job_cancelled", iteration=self.state.iteration)
             self._finish()
@@ -338,6 +431,7 @@ class JobActor(pykka.ThreadingActor):
 
     def _pause(self) -> None:
         try:
+            self._settle()
             blob = codec.encode(snapshot(self.task, self.trainer))
             blobs: list[bytes] = []
             try:
@@ -356,43 +450,5 @@ class JobActor(pykka.ThreadingActor):
             pass
 
 
-def _digest_if_any(part: Any) -> str | None:
-    """The digest of a part of the trainer state; None when the state has no such part."""
-    return None if part is None else codec.digest_of(part)
-
-
 class _Stopped(Exception):
     """Internal: the store refused an append; the actor is already stopping."""
-
-
-def _iteration_result(iteration: int, groups: list[list[Trajectory]],
-                      metrics: dict[str, float]) -> IterationCompleted:
-    """The iteration's summary, in one pass over its trajectories (this runs every step)."""
-    n = n_failed = successes = tokens = 0
-    cost = 0.0
-    ok: list[float] = []
-    for group in groups:
-        for t in group:
-            n += 1
-            tokens += t.tokens
-            cost += t.cost_usd
-            if t.success:
-                successes += 1
-            if t.failed:
-                n_failed += 1
-            else:
-                ok.append(t.reward)
-    mean = sum(ok) / len(ok) if ok else 0.0
-    std = (sum((r - mean) ** 2 for r in ok) / len(ok)) ** 0.5 if ok else 0.0
-    return IterationCompleted(
-        iteration=iteration,
-        avg_reward=mean,
-        std_reward=std,
-        loss=float(metrics.get("loss", 0.0)),
-        success_rate=successes / max(1, n),
-        metrics={k: float(v) for k, v in metrics.items() if k != "loss"},
-        n_trajectories=n,
-        n_failed=n_failed,
-        tokens=tokens,
-        cost_usd=cost,
-    )

@@ -13,8 +13,8 @@ import msgspec
 from .events import Digest, FailureReason, IterationCompleted
 from .spec import JobSpec
 
-__all__ = ["Cancel", "Command", "Fail", "Pause", "RecordIteration", "Recover", "Resume",
-           "SavedState", "Start", "Submit", "checkpoint_due", "needs_saved_state"]
+__all__ = ["Cancel", "Command", "Fail", "Pause", "RecordCheckpoint", "RecordIteration", "Recover",
+           "Resume", "SavedState", "Start", "Submit", "checkpoint_due", "needs_saved_state"]
 
 
 class Submit(msgspec.Struct, frozen=True, kw_only=True):
@@ -54,10 +54,24 @@ class SavedState(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class RecordIteration(msgspec.Struct, frozen=True, kw_only=True):
-    """An iteration's results; `saved` is required when a checkpoint is due or it was the last."""
+    """An iteration's results; `saved` is required when a checkpoint is due or it was the last,
+    unless `checkpoint_later`: its checkpoint is being written and `RecordCheckpoint` records
+    it once durable (never for the last iteration, whose state completes the job)."""
 
     result: IterationCompleted
     saved: SavedState | None = None
+    checkpoint_later: bool = False
+
+
+class RecordCheckpoint(msgspec.Struct, frozen=True, kw_only=True):
+    """A checkpoint of an iteration already recorded, durable now. Only iterations without
+    other events may come between the two (the actor sees to it): the checkpoint then rewinds
+    to what the job was at `iteration` — its `metrics` as they were then, its budget
+    thresholds as they still are."""
+
+    iteration: int
+    saved: SavedState
+    metrics: dict[str, float]
 
 
 class Fail(msgspec.Struct, frozen=True, kw_only=True):
@@ -71,7 +85,8 @@ class Recover(msgspec.Struct, frozen=True, kw_only=True):
     cause: Literal["crash", "restart"] = "crash"
 
 
-Command = Submit | Start | Pause | Resume | Cancel | RecordIteration | Fail | Recover
+Command = (Submit | Start | Pause | Resume | Cancel | RecordIteration | RecordCheckpoint | Fail
+           | Recover)
 
 
 def checkpoint_due(spec: JobSpec, iteration: int) -> bool:

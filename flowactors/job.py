@@ -23,6 +23,7 @@ from .commands import (
     Fail,
     Pause,
     RecordIteration,
+    RecordCheckpoint,
     Recover,
     Resume,
     SavedState,
@@ -70,7 +71,7 @@ __all__ = [
     # re-exported from job_state, commands and job_view
     "CheckpointRecord", "JobState", "ResumePoint", "initial_state", "recorded_digest",
     "state_digest",
-    "Cancel", "Command", "Fail", "Pause", "RecordIteration", "Recover", "Resume", "SavedState",
+    "Cancel", "Command", "Fail", "Pause", "RecordCheckpoint", "RecordIteration", "Recover", "Resume", "SavedState",
     "Start", "Submit", "checkpoint_due", "needs_saved_state",
     "best_checkpoint", "checkpoint_infos", "view",
 ]
@@ -239,6 +240,9 @@ def decide(command: Command, state: JobState) -> list[Event]:
         case RecordIteration():
             _require(state, command, JobStatus.RUNNING)
             return _record_iteration(command, state)
+        case RecordCheckpoint():
+            _require(state, command, JobStatus.RUNNING)
+            return _record_late_checkpoint(command, state)
         case Fail(reason=reason, error_type=error_type, message=message):
             _require(state, command, JobStatus.QUEUED, JobStatus.RUNNING)
             return _terminal(state, [], lambda d: JobFailed(
@@ -290,7 +294,12 @@ def _record_iteration(command: RecordIteration, state: JobState) -> list[Event]:
             f"job {state.job_id!r} expected iteration {state.iteration + 1}, "
             f"got {result.iteration}")
     saved = command.saved
-    if needs_saved_state(spec, result.iteration) and saved is None:
+    last = result.iteration >= spec.config.n_iterations
+    if command.checkpoint_later and (last or saved is not None
+                                     or not checkpoint_due(spec, result.iteration)):
+        raise ValueError(f"iteration {result.iteration} cannot record its checkpoint later")
+    if needs_saved_state(spec, result.iteration) and saved is None \
+            and not command.checkpoint_later:
         raise ValueError(f"iteration {result.iteration} needs a saved trainer state")
     events: list[Event] = [result]
     config = spec.config
@@ -302,17 +311,9 @@ def _record_iteration(command: RecordIteration, state: JobState) -> list[Event]:
                 events.append(BudgetThresholdReached(
                     fraction=fraction, cost_usd=cost, budget_usd=budget))
     if saved is not None and checkpoint_due(spec, result.iteration):
-        metrics = _apply_pending(state, events).metrics
-        events.append(CheckpointSaved(
-            iteration=result.iteration, state_ref=saved.state_ref,
-            validation_score=saved.validation_score, metrics=metrics,
-            policy_digest=saved.policy_digest, optimizer_digest=saved.optimizer_digest,
-            rng_digest=saved.rng_digest, state_size=saved.size, state_location=saved.location,
-            state_digest=state_digest(_apply_pending(state, events))))
-        pruned = _prune(_apply_pending(state, events), config.keep_checkpoints, saved)
-        if pruned is not None:
-            events.append(pruned)
-    if result.iteration >= config.n_iterations:
+        events.extend(_checkpoint(state, events, result.iteration, saved,
+                                  _apply_pending(state, events).metrics))
+    if last:
         assert saved is not None
         return _terminal(state, events, lambda d: JobCompleted(
             iteration=result.iteration, final_state_ref=saved.state_ref,
@@ -324,6 +325,33 @@ def _record_iteration(command: RecordIteration, state: JobState) -> list[Event]:
             message=f"recorded cost ${cost:.4f} reached the budget ${budget:.4f}",
             state_digest=d))
     return events
+
+
+def _record_late_checkpoint(command: RecordCheckpoint, state: JobState) -> list[Event]:
+    spec = state.spec
+    assert spec is not None
+    iteration = command.iteration
+    last = state.last_checkpoint
+    if not checkpoint_due(spec, iteration) or iteration > state.iteration \
+            or (last is not None and last.info.iteration >= iteration):
+        raise InvalidTransition(
+            f"job {state.job_id!r} cannot record a checkpoint of iteration {iteration} at "
+            f"iteration {state.iteration}")
+    return _checkpoint(state, [], iteration, command.saved, command.metrics)
+
+
+def _checkpoint(state: JobState, events: list[Event], iteration: int, saved: SavedState,
+                metrics: dict[str, float]) -> list[Event]:
+    """A checkpoint's events after `events` (not yet recorded): saved, then perhaps a prune."""
+    saved_event = CheckpointSaved(
+        iteration=iteration, state_ref=saved.state_ref,
+        validation_score=saved.validation_score, metrics=metrics,
+        policy_digest=saved.policy_digest, optimizer_digest=saved.optimizer_digest,
+        rng_digest=saved.rng_digest, state_size=saved.size, state_location=saved.location,
+        state_digest=state_digest(_apply_pending(state, events)))
+    pruned = _prune(_apply_pending(state, [*events, saved_event]),
+                    state.spec.config.keep_checkpoints, saved)  # type: ignore[union-attr]
+    return [saved_event] if pruned is None else [saved_event, pruned]
 
 
 def _prune(state: JobState, keep: int, latest: SavedState) -> CheckpointsPruned | None:

@@ -23,6 +23,7 @@ import pykka
 from . import lineage
 from .actors import CancelRequest, PauseRequest
 from .checkpointing import StateStore, open_state_store
+from .saving import CheckpointSaves
 from .errors import (
     CheckpointNotFound,
     FlowError,
@@ -99,6 +100,7 @@ class Runtime(Supervisor):
             self.store = EventStore(self.path, mode="owner", synchronous=synchronous)
         self.state_store: StateStore = open_state_store(
             self.store, self.path, checkpoint_store, lambda: list(self._states.values()))
+        self.saves: CheckpointSaves | None = CheckpointSaves(self.state_store)
         self._owns_rollouts = rollouts is None
         self.rollouts = ThreadRollouts(max_rollout_workers) if rollouts is None else rollouts
         self._previous_handlers: dict[int, Any] = {}
@@ -337,6 +339,8 @@ class Runtime(Supervisor):
         self.closing = True
         if self._owns_rollouts:
             self.rollouts.close()
+        if self.saves is not None:
+            self.saves.close()  # the writes under way finish; their files are swept on open
         self.store.close()
         if self._memory_files is not None:
             files = self.state_store.files

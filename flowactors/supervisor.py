@@ -25,6 +25,7 @@ from .events import RecordedEvent
 from .job import Command, Fail, JobState, Recover, Start, decide, fold, view
 from .logs import get_logger
 from .rollouts import RolloutBackend
+from .saving import CheckpointSaves
 from .store import EventStore
 from .tasks import build_task
 from .views import JobStatus, JobView
@@ -39,12 +40,14 @@ MAX_RESTARTS = 3
 class Supervisor:
     """Jobs, their queue and their actors; the `JobHost` every job actor reports to.
 
-    The runtime sets `path`, `store`, `state_store` and `rollouts` before any job starts.
+    The runtime sets `path`, `store`, `state_store`, `saves` and `rollouts` before any job
+    starts.
     """
 
     path: Path
     store: EventStore
     state_store: StateStore
+    saves: CheckpointSaves | None
     rollouts: RolloutBackend
 
     def __init__(self, max_concurrent_jobs: int) -> None:

@@ -33,7 +33,7 @@ from .spec import TrainingQuery
 from .tasks import Trajectory
 
 __all__ = ["INLINE_MAX_BYTES", "RecordedTrajectory", "TrajectoryGroup", "attach",
-           "encode_groups", "read", "select_stored"]
+           "encode_groups", "iteration_result", "read", "select_stored"]
 
 INLINE_MAX_BYTES = 65536
 """Encoded trajectories up to this size are kept in the iteration's event; larger, a blob."""
@@ -220,3 +220,36 @@ def read(store: _Blobs, job_id: str, *, iteration: int | None = None,
                 if limit is not None and len(found) >= limit:
                     return found
     return found
+
+
+def iteration_result(iteration: int, groups: list[list[Trajectory]],
+                      metrics: dict[str, float]) -> IterationCompleted:
+    """The iteration's summary, in one pass over its trajectories (this runs every step)."""
+    n = n_failed = successes = tokens = 0
+    cost = 0.0
+    ok: list[float] = []
+    for group in groups:
+        for t in group:
+            n += 1
+            tokens += t.tokens
+            cost += t.cost_usd
+            if t.success:
+                successes += 1
+            if t.failed:
+                n_failed += 1
+            else:
+                ok.append(t.reward)
+    mean = sum(ok) / len(ok) if ok else 0.0
+    std = (sum((r - mean) ** 2 for r in ok) / len(ok)) ** 0.5 if ok else 0.0
+    return IterationCompleted(
+        iteration=iteration,
+        avg_reward=mean,
+        std_reward=std,
+        loss=float(metrics.get("loss", 0.0)),
+        success_rate=successes / max(1, n),
+        metrics={k: float(v) for k, v in metrics.items() if k != "loss"},
+        n_trajectories=n,
+        n_failed=n_failed,
+        tokens=tokens,
+        cost_usd=cost,
+    )

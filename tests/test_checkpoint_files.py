@@ -17,12 +17,13 @@ from pathlib import Path
 import fsspec
 import pytest
 from click.testing import CliRunner
+from structlog.testing import capture_logs
 from helpers import TOOLS, QUERIES, open_runtime, wait_until
 
 import flowactors as fa
 from flowactors import checkpointing
 from flowactors.cli import main
-from flowactors.events import CheckpointSaved, JobCompleted
+from flowactors.events import CheckpointSaved, IterationCompleted, JobCompleted, JobRecovered
 from flowactors.filestore import FileCheckpoints
 from flowactors.liveness import live_states
 from flowactors.store import EventStore
@@ -210,24 +211,153 @@ def test_a_state_that_cannot_be_stored_fails_the_job_once_not_at_every_reopen(
     assert FullDisk.puts == checkpointing.PUT_ATTEMPTS
 
 
+class HeldFiles(FileCheckpoints):
+    """A checkpoint store whose puts wait until the test lets them through (all at once with
+    `release`, or the nth with `gates[n]`), counting how many run at once."""
+
+    def __init__(self, url) -> None:  # noqa: ANN001
+        super().__init__(url)
+        self.release = threading.Event()
+        self.gates = [threading.Event() for _ in range(16)]
+        self.entered = self.active = self.most = 0
+        self.lock = threading.Lock()
+
+    def put(self, data):  # noqa: ANN001
+        with self.lock:
+            gate = self.gates[self.entered]
+            self.entered += 1
+            self.active += 1
+            self.most = max(self.most, self.active)
+        try:
+            while not (self.release.wait(0.01) or gate.is_set()):
+                pass
+            return super().put(data)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+def final_digest(rt, job) -> str:  # noqa: ANN001
+    return [r.event for r in rt.history(job) if isinstance(r.event, JobCompleted)][0] \
+        .final_state_digest
+
+
+def recorded(rt, job, kind, iteration) -> bool:  # noqa: ANN001
+    return any(isinstance(r.event, kind) and r.event.iteration == iteration
+               for r in rt.history(job))
+
+
+@pytest.mark.timeout(60)
+def test_a_job_trains_on_while_its_checkpoint_is_written_and_records_it_once_durable(tmp_path):
+    """While a large checkpoint's file is still being written, the job records its next
+    iteration; the `CheckpointSaved` comes once the file is durable, after it, and the job
+    ends with the checkpoints and final state of a run whose writes never waited; the log
+    replays to its recorded digests."""
+    with open_runtime(tmp_path / "plain.db") as rt:
+        plain = rt.submit(bulky_spec(n_iterations=4, checkpoint_interval=2))
+        rt.wait(plain, timeout=30)
+        want = final_digest(rt, plain)
+    db = tmp_path / "flow.db"
+    held = HeldFiles(tmp_path / "held")
+    with open_runtime(db, checkpoint_store=held) as rt:
+        job = rt.submit(bulky_spec(n_iterations=4, checkpoint_interval=2))
+        wait_until(lambda: recorded(rt, job, IterationCompleted, 3), timeout=20,
+                   message="iteration 3 recorded while checkpoint 2 is being written")
+        assert held.entered == 1 and not recorded(rt, job, CheckpointSaved, 2)
+        held.release.set()
+        view = rt.wait(job, timeout=30)
+        assert view.status is fa.JobStatus.COMPLETED
+        assert sorted(c.iteration for c in rt.checkpoints(job)) == [2, 4]
+        types = [(r.type, getattr(r.event, "iteration", None)) for r in rt.history(job)]
+        assert types.index(("job.iteration_completed", 3)) \
+            < types.index(("job.checkpoint_saved", 2))
+        assert final_digest(rt, job) == want
+        assert rt.load_checkpoint(job, 2) is not None
+    result = CliRunner().invoke(main, ["replay", "--check", "--db", str(db)])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.timeout(60)
+def test_a_job_has_at_most_one_checkpoint_in_flight(tmp_path):
+    """With a checkpoint every iteration and writes slower than iterations, the next
+    checkpoint waits for the one in flight (and says so in the log): never two writes of one
+    job at once."""
+    held = HeldFiles(tmp_path / "held")
+    with capture_logs() as logs, open_runtime(tmp_path / "flow.db", checkpoint_store=held) as rt:
+        job = rt.submit(bulky_spec(n_iterations=4, checkpoint_interval=1))
+        try:
+            for n in range(1, 4):  # the last iteration's state is written on the job's thread
+                wait_until(lambda: held.entered > n or any(
+                    e["event"] == "checkpoint_awaited" and e["iteration"] == n
+                    for e in list(logs)),
+                    timeout=20, message=f"checkpoint {n + 1} to wait for checkpoint {n}")
+                assert held.entered == n, "a second checkpoint was written while one was in flight"
+                held.gates[n - 1].set()
+        finally:
+            held.release.set()  # a failure must not leave close() waiting for a held write
+        assert rt.wait(job, timeout=30).status is fa.JobStatus.COMPLETED
+        assert sorted(c.iteration for c in rt.checkpoints(job)) == [1, 2, 3, 4]
+    assert held.most == 1
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("stop", ["pause", "cancel"])
+def test_a_pause_or_cancel_with_a_checkpoint_in_flight_records_it_first(tmp_path, stop):
+    """A pause or cancel that arrives while a checkpoint is being written waits for it and
+    records it before the job stops: a paused job resumes from it, to the final state of an
+    uninterrupted run."""
+    spec = bulky_spec(n_iterations=8, checkpoint_interval=2)
+    with open_runtime(tmp_path / "plain.db") as rt:
+        plain = rt.submit(spec)
+        rt.wait(plain, timeout=30)
+        want = final_digest(rt, plain)
+    held = HeldFiles(tmp_path / "held")
+    with open_runtime(tmp_path / "flow.db", checkpoint_store=held) as rt:
+        job = rt.submit(spec)
+        wait_until(lambda: recorded(rt, job, IterationCompleted, 3), timeout=20,
+                   message="iteration 3 while checkpoint 2 is written")
+        # the job now waits for checkpoint 2 before recording iteration 4, its next one
+        stopper = threading.Thread(target=getattr(rt, stop), args=(job,))
+        stopper.start()
+        inbox = rt._actors[job].actor_inbox
+        wait_until(lambda: not inbox.empty(), message=f"the {stop} request in the job's inbox")
+        held.gates[0].set()  # checkpoint 2 is written; checkpoint 4 starts and is held
+        wait_until(lambda: held.entered == 2, message="checkpoint 4 in flight")
+        held.release.set()
+        stopper.join(timeout=30)
+        assert not stopper.is_alive()
+        view = rt.status(job)
+        assert view.status is (fa.JobStatus.PAUSED if stop == "pause"
+                               else fa.JobStatus.CANCELLED)
+        assert view.progress.current_iteration == 4
+        assert sorted(c.iteration for c in rt.checkpoints(job)) == [2, 4], \
+            f"the {stop} lost the checkpoint in flight"
+        if stop == "pause":
+            rt.resume(job)
+            assert rt.wait(job, timeout=30).status is fa.JobStatus.COMPLETED
+            assert final_digest(rt, job) == want
+
+
 CHILD = textwrap.dedent("""
+    import json
     import sys
     import flowactors as fa
     sys.path.insert(0, sys.argv[2])
     from test_checkpoint_files import bulky_spec
     with fa.Runtime(sys.argv[1], synchronous="off", handle_signals=False) as rt:
-        rt.submit(bulky_spec(n_iterations=5, keep_checkpoints=2), job_id="job")
+        rt.submit(bulky_spec(**json.loads(sys.argv[3])), job_id="job")
         view = rt.wait("job", timeout=120)
         print(view.status.value, flush=True)
 """)
 
 
-def run_child(db: Path, env: dict[str, str]) -> subprocess.Popen:
+def run_child(db: Path, env: dict[str, str],
+              config: str = '{"n_iterations": 5, "keep_checkpoints": 2}') -> subprocess.Popen:
     tests = Path(__file__).resolve().parent
     env = {**os.environ, **env,
            "PYTHONPATH": os.pathsep.join([str(tests), str(TOOLS),
                                           os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen([sys.executable, "-c", CHILD, str(db), str(tests)], env=env,
+    return subprocess.Popen([sys.executable, "-c", CHILD, str(db), str(tests), config], env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
 
@@ -261,6 +391,46 @@ def test_sigkill_after_a_file_is_durable_before_its_event_resumes_bit_identicall
         got = [r.event.final_state_digest for r in store.read_all()
                if isinstance(r.event, JobCompleted)]
     assert got == want
+    result = CliRunner().invoke(main, ["verify", "--db", str(db)])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.timeout(120)
+def test_sigkill_with_a_checkpoint_in_flight_resumes_from_the_last_durable_one(tmp_path):
+    """SIGKILLed while checkpoint 4 is being written and iteration 5 is already recorded, the
+    restarted runtime resumes from checkpoint 2, the last durable one, and ends with the
+    final state of an uninterrupted run; the log and its files verify."""
+    config = '{"n_iterations": 6, "checkpoint_interval": 2, "keep_checkpoints": 1}'
+    reference = tmp_path / "reference.db"
+    child = run_child(reference, {}, config)
+    assert child.wait(timeout=60) == 0, child.stderr.read().decode()
+    with EventStore(reference, mode="readonly") as store:
+        want = [r.event.final_state_digest for r in store.read_all()
+                if isinstance(r.event, JobCompleted)]
+    db, fault_file = tmp_path / "flow.db", tmp_path / "faults"
+    fault_file.touch()
+    child = run_child(db, {"FLOWACTORS_FAULTS": "checkpoint.writing@2",
+                           "FLOWACTORS_FAULT_FILE": str(fault_file)}, config)
+
+    def iterations() -> list[int]:
+        with EventStore(db, mode="readonly") as store:
+            return [r.event.iteration for r in store.read_all()
+                    if isinstance(r.event, IterationCompleted)]
+
+    wait_until(lambda: "checkpoint.writing" in fault_file.read_text()
+               or child.poll() is not None, timeout=60, message="the fault point")
+    wait_until(lambda: 5 in iterations() or child.poll() is not None, timeout=60,
+               message="iteration 5 recorded while checkpoint 4 is in flight")
+    assert child.poll() is None, child.stderr.read().decode()
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=10)
+    assert [e.iteration for e in saved(db)] == [2]
+    child = run_child(db, {}, config)
+    assert child.wait(timeout=60) == 0, child.stderr.read().decode()
+    with EventStore(db, mode="readonly") as store:
+        events = [r.event for r in store.read_all()]
+    assert [e.final_state_digest for e in events if isinstance(e, JobCompleted)] == want
+    assert [e.from_checkpoint for e in events if isinstance(e, JobRecovered)] == [2]
     result = CliRunner().invoke(main, ["verify", "--db", str(db)])
     assert result.exit_code == 0, result.output
 

@@ -32,6 +32,7 @@ from flowactors.job import (
     Fail,
     JobState,
     Pause,
+    RecordCheckpoint,
     RecordIteration,
     Recover,
     Resume,
@@ -211,6 +212,65 @@ def test_recovery_rewinds_derived_state_but_keeps_cost():
     # the re-run iterations are recorded again after the recovery
     state, events = run_iterations(state, 7)
     assert events[0].iteration == 7
+
+
+def test_a_checkpoint_recorded_after_later_iterations_rewinds_to_its_own_iteration():
+    """A checkpoint written in the background is recorded after the iterations that followed
+    it: it names its iteration's metrics and the digest of the state before it, prunes as
+    ever, a fold of the log agrees with evolve, and a recovery to it rewinds to what the job
+    was at its iteration."""
+    spec = make_spec(n_iterations=20, checkpoint_interval=3, keep_checkpoints=1,
+                     max_budget_usd=100.0)
+    state = given(JobSubmitted(spec=spec), JobStarted())
+    stream = [JobSubmitted(spec=spec), JobStarted()]
+
+    def record(command):
+        events = decide(command, state)
+        stream.extend(events)
+        return events, then(state, events)
+
+    for i in range(1, 7):
+        due = i == 3
+        events, state = record(RecordIteration(
+            result=result(i, 20.0 if i < 4 else 31.0 if i == 4 else 0.0),
+            saved=saved(i) if due else None, checkpoint_later=i == 6))
+        if i == 3:
+            assert state.thresholds == ()
+        if i == 4:
+            assert state.thresholds == (0.75, 0.9)  # reached before checkpoint 6
+    assert [type(e) for e in events] == [IterationCompleted]  # iteration 6: no checkpoint yet
+    metrics_at_6 = state.metrics
+    _, state = record(RecordIteration(result=result(7)))
+    before = state
+    events, state = record(RecordCheckpoint(iteration=6, saved=saved(6), metrics=metrics_at_6))
+    assert isinstance(events[0], CheckpointSaved) and events[0].iteration == 6
+    assert events[0].metrics == metrics_at_6 and events[0].state_digest == state_digest(before)
+    assert isinstance(events[1], CheckpointsPruned) and events[1].iterations == [3]
+    assert state.iteration == 7 and state.resume_point.iteration == 6
+    recorded = [RecordedEvent(position=n, stream=state.job_id, version=n,
+                              type=event_tag(type(e)), schema_version=type(e).schema_version,
+                              recorded_at=AT, event=e) for n, e in enumerate(stream, start=1)]
+    assert fold_log(recorded)[state.job_id] == state
+    state = then(state, decide(Recover(attempt=1), state))
+    assert state.iteration == 6 and state.metrics == metrics_at_6
+    assert state.thresholds == (0.75, 0.9)
+
+
+def test_a_late_checkpoint_out_of_order_or_ending_the_job_is_refused():
+    """A checkpoint is recorded later only for a due, not-last iteration, never before its
+    iteration, never after a later checkpoint; the refusal decides nothing."""
+    spec = make_spec(n_iterations=6, checkpoint_interval=3)
+    state, _ = run_iterations(given(JobSubmitted(spec=spec), JobStarted()), 3)
+    with pytest.raises(InvalidTransition):  # checkpoint 3 is recorded already
+        decide(RecordCheckpoint(iteration=3, saved=saved(3), metrics={}), state)
+    with pytest.raises(InvalidTransition):  # iteration 6 is not recorded yet
+        decide(RecordCheckpoint(iteration=6, saved=saved(6), metrics={}), state)
+    state = then(state, decide(RecordIteration(result=result(4)), state))
+    with pytest.raises(InvalidTransition):  # not a multiple of the interval
+        decide(RecordCheckpoint(iteration=4, saved=saved(4), metrics={}), state)
+    state = then(state, decide(RecordIteration(result=result(5)), state))
+    with pytest.raises(ValueError, match="cannot record its checkpoint later"):
+        decide(RecordIteration(result=result(6), checkpoint_later=True), state)
 
 
 def test_recovery_before_the_first_checkpoint_restarts_from_scratch():

@@ -303,9 +303,9 @@ def test_budget_stops_the_job():
 def test_an_unexpected_actor_error_is_restarted_by_replay(monkeypatch):
     """A bug in the actor (not the task) restarts the job from its last checkpoint; it still
     completes, with the restart counted in attempts."""
-    import flowactors.actors as actors
+    import flowactors.trajectories as trajectories
 
-    original = actors._iteration_result
+    original = trajectories.iteration_result
     calls = {"n": 0}
 
     def flaky(iteration, groups, metrics):
@@ -314,7 +314,7 @@ def test_an_unexpected_actor_error_is_restarted_by_replay(monkeypatch):
             raise ZeroDivisionError("injected")
         return original(iteration, groups, metrics)
 
-    monkeypatch.setattr(actors, "_iteration_result", flaky)
+    monkeypatch.setattr(trajectories, "iteration_result", flaky)
     with open_runtime(MEMORY) as rt:
         job_id = rt.submit(sim_spec(n_iterations=5, checkpoint_interval=2))
         view = rt.wait(job_id, timeout=30)
@@ -325,12 +325,12 @@ def test_an_unexpected_actor_error_is_restarted_by_replay(monkeypatch):
 
 def test_restarts_are_bounded_then_the_job_fails(monkeypatch):
     """An actor that keeps crashing fails its job with reason restarts_exhausted."""
-    import flowactors.actors as actors
+    import flowactors.trajectories as trajectories
 
     def broken(iteration, groups, metrics):
         raise ZeroDivisionError("always")
 
-    monkeypatch.setattr(actors, "_iteration_result", broken)
+    monkeypatch.setattr(trajectories, "iteration_result", broken)
     with open_runtime(MEMORY) as rt:
         job_id = rt.submit(sim_spec())
         view = rt.wait(job_id, timeout=30)

@@ -10,13 +10,20 @@
 - load: the checkpoint store's checked read vs a plain read of the file;
 - peak RSS of a process saving a 512 MB state, against the state's size;
 - reopen: a runtime opening a log with 20 checkpoint files of 64 MB vs the same log shape with
-  small states.
+  small states;
+- stall: a job with a 512 MB state trained in place, checkpointing every 4th iteration: the
+  time its iteration loop is blocked per checkpoint with background saves vs synchronous
+  saves (the same job, its saves on its own thread), each against the same job without
+  checkpoints; and meanwhile another job's longest gap between iterations, vs its gap beside
+  the job without checkpoints;
+- peak RSS of a process whose job saves a 512 MB state in the background.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -136,15 +143,17 @@ def bench_save_load(root: Path, sizes: list[int], repeat: int) -> None:
 
 
 RSS_CHILD = """
-import os, sys, resource
+import os, sys
+def peak():  # VmHWM: unlike ru_maxrss, which execve keeps from the forking parent
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
 sys.path.insert(0, sys.argv[3])
 from flowactors.checkpointing import StateStore
 from flowactors.filestore import FileCheckpoints
 from flowactors.store import EventStore
 data = os.urandom(1 << 20) * (int(sys.argv[2]) >> 20)  # touched pages, no big temporary
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak()
 StateStore(EventStore(sys.argv[1] + ".db"), FileCheckpoints(sys.argv[1])).store(data)
-print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(before, peak())
 """
 
 
@@ -165,7 +174,7 @@ def bench_reopen(root: Path, state_bytes: int, repeat: int) -> None:
         return JobSpec(agent_id="a", training_data=queries, task="bulky_task:Bulky",
                        task_options={"state_bytes": n},
                        config=GRPOConfig(n_iterations=20, checkpoint_interval=1,
-                                         keep_checkpoints=20, batch_size=2,
+                                         keep_checkpoints=20, batch_size=2, eval_fraction=0,
                                          n_trajectories_per_query=1))
 
     times = {}
@@ -182,6 +191,93 @@ def bench_reopen(root: Path, state_bytes: int, repeat: int) -> None:
           f"{times['small states'] * 1e3:.0f} ms   (+{(times['with files'] - times['small states']) * 1e3:.0f} ms)")
 
 
+def bulky(size: int, n: int, interval: int, update_seconds: float) -> JobSpec:
+    return JobSpec(agent_id="a", training_data=[TrainingQuery(query=f"q{i}") for i in range(4)],
+                   task="bulky_task:Bulky",
+                   task_options={"state_bytes": size, "update_seconds": update_seconds,
+                                 "in_place": True},
+                   config=GRPOConfig(n_iterations=n, checkpoint_interval=interval,
+                                     keep_checkpoints=1, batch_size=2, eval_fraction=0,
+                                     n_trajectories_per_query=1))
+
+
+def iteration_times(rt: Runtime, job: str) -> list[float]:
+    """When each iteration was committed (seconds, from the log's own timestamps)."""
+    return [r.recorded_at.timestamp() for r in rt.history(job)
+            if r.type == "job.iteration_completed"]
+
+
+def run_pair(root: Path, name: str, size: int, n: int, interval: int, update: float,
+             background: bool) -> tuple[float, float]:
+    """The big job's mean time per iteration before its last (whose state it saves at the
+    end), and the other job's longest gap between iterations meanwhile."""
+    db = root / f"stall-{name}.db"
+    with Runtime(db, synchronous="normal", handle_signals=False) as rt:
+        if not background:
+            rt.saves = None  # every save on its job's thread, as before
+        other = rt.submit(bulky(1000, 100_000, 100_000, 0.01))
+        big = rt.submit(bulky(size, n, interval, update))
+        rt.wait(big, timeout=600)
+        rt.cancel(other)
+        times = iteration_times(rt, big)
+        window = (times[1], times[-2])  # from iteration 2 (the state exists) to n-1
+        per_iteration = (window[1] - window[0]) / (len(times) - 3)
+        others = [t for t in iteration_times(rt, other) if window[0] <= t <= window[1]]
+        gap = max(b - a for a, b in zip(others, others[1:]))
+    for p in root.glob(f"stall-{name}.db*"):
+        if p.is_dir():
+            for f in p.iterdir():
+                f.unlink()
+            p.rmdir()
+        else:
+            p.unlink()
+    return per_iteration, gap
+
+
+def bench_stall(root: Path, size: int, n: int, update: float, interval: int) -> None:
+    plain_it, plain_gap = run_pair(root, "none", size, n, n + 1, update, True)
+    sync_it, sync_gap = run_pair(root, "sync", size, n, interval, update, False)
+    bg_it, bg_gap = run_pair(root, "bg", size, n, interval, update, True)
+    per_checkpoint = (n - 3) / interval  # checkpoints per iteration of the window, times it
+    sync_stall = (sync_it - plain_it) * interval
+    bg_stall = (bg_it - plain_it) * interval
+    print(f"stall per checkpoint, {size // MB} MB state trained in place, a checkpoint every "
+          f"{interval} iterations of {plain_it * 1e3:.0f} ms ({n} iterations; "
+          f"{per_checkpoint:.1f} checkpoints measured):")
+    print(f"  synchronous save (before): {sync_stall * 1e3:7.0f} ms")
+    print(f"  background save:           {bg_stall * 1e3:7.0f} ms   "
+          f"({bg_stall / sync_stall:.0%} of the synchronous stall; goal <= 10%)")
+    print(f"another job's longest gap between iterations: {bg_gap * 1e3:.0f} ms with background "
+          f"saves beside it, {sync_gap * 1e3:.0f} ms with synchronous ones, {plain_gap * 1e3:.0f} "
+          f"ms beside the job without checkpoints ({bg_gap / plain_gap:.1f}x; goal <= 2x)")
+
+
+RSS_JOB_CHILD = """
+import os, sys
+def peak():  # VmHWM: unlike ru_maxrss, which execve keeps from the forking parent
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+sys.path.insert(0, sys.argv[3])
+sys.path.insert(0, sys.argv[4])
+from bench_checkpoints import bulky
+from flowactors import Runtime
+size = int(sys.argv[2])
+with Runtime(sys.argv[1], synchronous="normal", handle_signals=False) as rt:
+    rt.wait(rt.submit(bulky(size, 5, 2, 0.3)), timeout=600)
+print(peak())
+"""
+
+
+def bench_job_rss(root: Path, size: int) -> None:
+    tools = Path(__file__).resolve().parent
+    out = subprocess.run([sys.executable, "-c", RSS_JOB_CHILD, str(root / "rssjob.db"),
+                          str(size), str(tools.parent), str(tools)],
+                         capture_output=True, text=True, check=True).stdout.split()
+    peak = int(out[-1]) * 1024
+    print(f"peak RSS of a job saving {size // MB} MB states in the background (5 iterations, "
+          f"checkpoints 2, 4 in the background, the final state on the job's thread): "
+          f"{peak / MB:.0f} MB (goal <= 2x state + 300 MB = {(2 * size) / MB + 300:.0f} MB)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
@@ -196,6 +292,10 @@ def main() -> None:
         bench_save_load(root, sizes, repeat)
         bench_rss(root, 64 * MB if args.quick else 512 * MB)
         bench_reopen(root, 4 * MB if args.quick else 64 * MB, repeat)
+        stall_size = 64 * MB if args.quick else 512 * MB
+        # checkpoints further apart than a save takes: one in flight at a time never waits
+        bench_stall(root, stall_size, 11 if args.quick else 15, 1.0, 4)
+        bench_job_rss(root, stall_size)
 
 
 if __name__ == "__main__":
