@@ -44,6 +44,7 @@ from .toolchoice_env import (  # re-exported: the environment's names stay impor
     NO_RESULT,
     OUTCOME_REWARD,
     RESULT,
+    REWARD_SCALE,
     START,
     STEP_PENALTY,
     TOOLS,
@@ -137,11 +138,7 @@ class ToolChoiceTask:
     Options: ClassVar[type[msgspec.Struct]] = ToolChoiceOptions
     state_type: ClassVar[type] = ToolChoiceState
     inline_rollouts: ClassVar[bool] = True  # a rollout is a few hundred µs of pure Python
-    reward_scale: ClassVar[str] = (
-        f"+{OUTCOME_REWARD:g} for a correct answer, +{CORRECT_TOOL_BONUS:g} for using the "
-        f"expected tool, -{STEP_PENALTY:g} per step: at best "
-        f"{OUTCOME_REWARD + CORRECT_TOOL_BONUS - 2 * STEP_PENALTY:.2f} (the tool, then the "
-        f"answer), not 1")
+    reward_scale: ClassVar[str] = REWARD_SCALE
 
     def __init__(self, options: ToolChoiceOptions) -> None:
         self.options = options

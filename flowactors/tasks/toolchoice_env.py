@@ -28,6 +28,7 @@ from ..spec import TrainingQuery
 from .base import Trajectory
 
 __all__ = ["ACTIONS", "ANSWER", "CONTEXTS", "CORRECT_TOOL_BONUS", "FACTS", "NO_RESULT",
+           "REWARD_SCALE",
            "OUTCOME_REWARD", "RESULT", "START", "STEP_PENALTY", "TOOLS", "answer_matches",
            "make_training_data", "play_episode", "query_features", "run_tool", "sample_action"]
 
@@ -42,6 +43,12 @@ CONTEXTS = 3
 CORRECT_TOOL_BONUS = 0.1
 STEP_PENALTY = 0.01
 OUTCOME_REWARD = 1.0
+REWARD_SCALE = (
+    f"+{OUTCOME_REWARD:g} for a correct answer, +{CORRECT_TOOL_BONUS:g} for using the expected "
+    f"tool, -{STEP_PENALTY:g} per step: at best "
+    f"{OUTCOME_REWARD + CORRECT_TOOL_BONUS - 2 * STEP_PENALTY:.2f} (the tool, then the answer), "
+    f"not 1")
+"""What a trajectory's reward means, for displays beside an average reward."""
 
 
 # --- The environment: tools that really try to answer the query text -------------------------

@@ -37,6 +37,7 @@ from .toolchoice_env import (
     CONTEXTS,
     NO_RESULT,
     RESULT,
+    REWARD_SCALE,
     START,
     TOOLS,
     answer_matches,
@@ -121,6 +122,7 @@ class TorchToolChoiceTask:
     Options: ClassVar[type[msgspec.Struct]] = TorchToolChoiceOptions
     state_type: ClassVar[type] = TorchToolChoiceState
     inline_rollouts: ClassVar[bool] = True  # one small forward pass per rollout
+    reward_scale: ClassVar[str] = REWARD_SCALE  # the same environment, the same rewards
 
     def __init__(self, options: TorchToolChoiceOptions) -> None:
         self.options = options
