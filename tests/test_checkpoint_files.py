@@ -41,6 +41,12 @@ def bulky_spec(state_bytes: int = BIG, **config) -> fa.JobSpec:
                       config=fa.GRPOConfig(**{**defaults, **config}))
 
 
+def final_digests(db: Path) -> list[str]:
+    with EventStore(db, mode="readonly") as store:
+        return [r.event.final_state_digest for r in store.read_all()
+                if isinstance(r.event, JobCompleted)]
+
+
 def saved(db: Path) -> list[CheckpointSaved]:
     with EventStore(db, mode="readonly") as store:
         return [r.event for r in store.read_all() if isinstance(r.event, CheckpointSaved)]
@@ -370,9 +376,7 @@ def test_sigkill_after_a_file_is_durable_before_its_event_resumes_bit_identicall
     reference = tmp_path / "reference.db"
     child = run_child(reference, {})
     assert child.wait(timeout=60) == 0, child.stderr.read().decode()
-    with EventStore(reference, mode="readonly") as store:
-        want = [r.event.final_state_digest for r in store.read_all()
-                if isinstance(r.event, JobCompleted)]
+    want = final_digests(reference)
     db, fault_file = tmp_path / "flow.db", tmp_path / "faults"
     fault_file.touch()
     child = run_child(db, {"FLOWACTORS_FAULTS": "checkpoint.stored@3",
@@ -387,9 +391,7 @@ def test_sigkill_after_a_file_is_durable_before_its_event_resumes_bit_identicall
     assert len(orphans) == 1, "the third checkpoint's file is durable, its event is not"
     child = run_child(db, {})
     assert child.wait(timeout=60) == 0, child.stderr.read().decode()
-    with EventStore(db, mode="readonly") as store:
-        got = [r.event.final_state_digest for r in store.read_all()
-               if isinstance(r.event, JobCompleted)]
+    got = final_digests(db)
     assert got == want
     result = CliRunner().invoke(main, ["verify", "--db", str(db)])
     assert result.exit_code == 0, result.output
@@ -404,9 +406,7 @@ def test_sigkill_with_a_checkpoint_in_flight_resumes_from_the_last_durable_one(t
     reference = tmp_path / "reference.db"
     child = run_child(reference, {}, config)
     assert child.wait(timeout=60) == 0, child.stderr.read().decode()
-    with EventStore(reference, mode="readonly") as store:
-        want = [r.event.final_state_digest for r in store.read_all()
-                if isinstance(r.event, JobCompleted)]
+    want = final_digests(reference)
     db, fault_file = tmp_path / "flow.db", tmp_path / "faults"
     fault_file.touch()
     child = run_child(db, {"FLOWACTORS_FAULTS": "checkpoint.writing@2",
