@@ -51,6 +51,14 @@ def states_of(db: Path) -> dict[str, fa.JobState]:
         return replay(store.read_all())
 
 
+def delete_blob_row(db: Path, digest: str) -> None:
+    """Delete a blob row behind the runtime's back, as a foreign connection would."""
+    conn = sqlite3.connect(db)
+    conn.execute("DELETE FROM blobs WHERE digest = ?", (digest,))
+    conn.commit()
+    conn.close()
+
+
 def test_pruned_states_leave_the_log_and_equal_states_of_another_job_stay(tmp_path):
     """Job B (run first) and job A train identical states, all kept in the log; A keeps one
     checkpoint and prunes the rest: the rows B still needs stay, the others go, and what is
@@ -140,10 +148,7 @@ def test_a_deleted_live_state_fails_verify_and_open_naming_what_needs_it(tmp_pat
         rt.wait(job, timeout=60)
         ref = next(c.info.state_ref for c in rt._states[job].checkpoints
                    if c.info.iteration == 1)
-    conn = sqlite3.connect(db)
-    conn.execute("DELETE FROM blobs WHERE digest = ?", (ref,))
-    conn.commit()
-    conn.close()
+    delete_blob_row(db, ref)
     result = CliRunner().invoke(main, ["verify", "--db", str(db)])
     assert result.exit_code == 1
     assert f"checkpoint at iteration 1 of job 'j': state {ref} is missing" in result.output
@@ -168,10 +173,7 @@ def test_a_missing_trajectories_blob_fails_verify_naming_its_iteration(tmp_path,
         pytest.fail("the trajectories must be large enough for a blob")
     assert {ref for _, ref in refs} <= digests_in(db)
     iteration, ref = refs[0]
-    conn = sqlite3.connect(db)
-    conn.execute("DELETE FROM blobs WHERE digest = ?", (ref,))
-    conn.commit()
-    conn.close()
+    delete_blob_row(db, ref)
     result = CliRunner().invoke(main, ["verify", "--db", str(db)])
     assert result.exit_code == 1
     assert f"trajectories of iteration {iteration} of job 't': blob {ref}" in result.output
