@@ -38,6 +38,7 @@ from .job import (
     needs_saved_state,
 )
 from .logs import get_logger
+from .pieces import Pieces
 from .rollouts import RolloutBackend, RolloutHandle, run_inline
 from .saving import CheckpointSaves, SaveInFlight, Snapshot, saved_state, take_snapshot
 from .tasks import Task, Trajectory, restore, snapshot, state_decoder
@@ -401,11 +402,11 @@ class JobActor(pykka.ThreadingActor):
         if save is not None:
             save.settled_by(self.host.state_store)
 
-    def _store(self, blob: bytes, blobs: list[bytes]) -> StoredBlob:
+    def _store(self, blob: bytes | Pieces, blobs: list[bytes]) -> StoredBlob:
         """Make a state durable before its event; one the log keeps goes into `blobs`."""
         stored = self.host.state_store.store(blob)  # CheckpointUnstorable fails the job
         if stored.location is None:
-            blobs.append(blob)
+            blobs.append(bytes(blob))
         return stored
 
     def _fail_task(self, exc: Exception) -> None:

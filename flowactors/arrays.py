@@ -152,7 +152,8 @@ def _safetensors(structure: bytes, tensors: dict[str, tuple[str, list[int], Any,
 
     try:
         specs = {STATE_TENSOR: TensorSpec(dtype="uint8", shape=[len(structure)],
-                                          data_ptr=_address(structure), data_len=len(structure))}
+                                          data_ptr=bytes_address(structure),
+                                          data_len=len(structure))}
         for name, (dtype, shape, keep, kind) in tensors.items():
             if kind == _TORCH:
                 pointer, size = keep.data_ptr(), keep.numel() * keep.element_size()
@@ -166,7 +167,8 @@ def _safetensors(structure: bytes, tensors: dict[str, tuple[str, list[int], Any,
                                f"format: {exc}") from None
 
 
-def _address(data: bytes) -> int:
+def bytes_address(data: bytes) -> int:
+    """Where a bytes object's content starts in memory."""
     return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
 
 

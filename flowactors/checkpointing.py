@@ -41,6 +41,7 @@ from .liveness import (
     stored_states,
 )
 from .logs import get_logger
+from .pieces import Pieces
 from .replay import replay
 from .store import EventStore
 
@@ -92,7 +93,7 @@ class StateStore:
 
     # --- storing and loading ---
 
-    def store(self, blob: bytes) -> StoredBlob:
+    def store(self, blob: bytes | Pieces) -> StoredBlob:
         """Make a state durable (a large one in the checkpoint store) before its event is
         appended; call `settled` once the event is appended or abandoned.
 

@@ -7,13 +7,12 @@ written by an older flowactors stays readable forever.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import msgspec
 
-from . import arrays
+from . import arrays, pieces
 from .errors import LogCorrupted
 from .events import EVENT_TYPES, CheckpointSaved, Event, IterationCompleted, JobEvent, event_tag
 
@@ -178,11 +177,12 @@ def encode(value: Any) -> bytes:
     return arrays.encode(value)
 
 
-def digest(data: bytes) -> str:
-    """The content address of bytes: hex SHA-256."""
-    return hashlib.sha256(data).hexdigest()
+def digest(data: bytes | pieces.Pieces) -> str:
+    """The content address of bytes (whole or in pieces): hex SHA-256."""
+    return pieces.digest(data)
 
 
 def digest_of(value: Any) -> str:
-    """The digest of a value's stored encoding (`encode`): arrays count bit for bit."""
-    return digest(arrays.encode(value))
+    """The digest of a value's stored encoding (`encode`): arrays count bit for bit; large
+    `bytes` are hashed where they are, not copied into one encoding first."""
+    return pieces.digest(pieces.encode(value))

@@ -16,12 +16,14 @@ transaction, so it stays synchronous and its events keep their order.
 
 from __future__ import annotations
 
+import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import msgspec
 
-from . import codec
+from . import codec, pieces
 from .checkpointing import StateStore, StoredBlob
 from .commands import SavedState
 from .events import Digest
@@ -91,7 +93,7 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     `digests`; or, when the task can no longer change it, `snap` itself (encoded later)."""
 
     snap: Any = None
-    blob: bytes | None = None
+    blob: bytes | pieces.Pieces | None = None
     digests: Digests | None = None
     score: float
 
@@ -102,10 +104,11 @@ def take_snapshot(task: Any, trainer: Any, scored: list[Any], *, defer: bool,
     log) and evaluate the trainer, on the job's thread: the task's own code, in the order it
     always ran."""
     snap = snapshot(task, trainer)
-    size = frozen_size(snap) if defer else None
-    if size is not None and size > inline_max:
+    size = frozen_size(snap)
+    if defer and size is not None and size > inline_max:
         return Snapshot(snap=snap, score=float(task.evaluate(trainer, scored)))
-    blob = codec.encode(snap)
+    # an immutable snapshot's large bytes are written as they are, not copied (under the GIL)
+    blob = pieces.encode(snap) if size is not None else codec.encode(snap)
     score = float(task.evaluate(trainer, scored))
     return Snapshot(blob=blob, digests=part_digests(snap), score=score)
 
@@ -137,7 +140,7 @@ class CheckpointSaves:
 
     def __init__(self, state_store: StateStore, workers: int = 2) -> None:
         self.state_store = state_store
-        self._pool = ThreadPoolExecutor(max_workers=workers,
+        self._pool = ThreadPoolExecutor(max_workers=workers, initializer=_yield_the_cores,
                                         thread_name_prefix="flowactors-checkpoint")
 
     def start(self, iteration: int, metrics: dict[str, float], taken: Snapshot
@@ -147,7 +150,7 @@ class CheckpointSaves:
         def write() -> SavedState:
             fault_point("checkpoint.writing")
             snap = taken.snap
-            data = codec.encode(snap) if taken.blob is None else taken.blob
+            data = pieces.encode(snap) if taken.blob is None else taken.blob
             digests = part_digests(snap) if taken.digests is None else taken.digests
             return saved_state(digests, self.state_store.store(data), taken.score)
 
@@ -155,3 +158,14 @@ class CheckpointSaves:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _yield_the_cores() -> None:
+    """Run this writer thread (and the hashing thread it starts, which inherits it) at the
+    lowest CPU priority: a checkpoint has until the next one to be written, while training
+    and the other jobs' iterations wait for every core it takes (Linux: niceness is per
+    thread; elsewhere nothing changes)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass

@@ -293,6 +293,8 @@ def test_a_job_has_at_most_one_checkpoint_in_flight(tmp_path):
         job = rt.submit(bulky_spec(n_iterations=4, checkpoint_interval=1))
         try:
             for n in range(1, 4):  # the last iteration's state is written on the job's thread
+                wait_until(lambda: held.entered >= n, timeout=20,
+                           message=f"checkpoint {n}'s write to start")
                 wait_until(lambda: held.entered > n or any(
                     e["event"] == "checkpoint_awaited" and e["iteration"] == n
                     for e in list(logs)),

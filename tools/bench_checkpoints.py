@@ -1,6 +1,6 @@
 """Checkpoint store benchmark: every figure next to its baseline, measured in the same run.
 
-    python tools/bench_checkpoints.py [--quick] [--dir DIR]
+    python tools/bench_checkpoints.py [--quick] [--dir DIR] [--only SECTION ...]
 
 - threshold: appending an event with a state in the log vs storing it as a file first and
   appending the event without it, for small sizes (where the inline threshold comes from);
@@ -41,9 +41,12 @@ from flowactors.store import EventStore  # noqa: E402
 MB = 1 << 20
 
 
-def best(fn, repeat: int) -> float:
+def best(fn, repeat: int, setup=None) -> float:
+    """The shortest of `repeat` runs of `fn`, each after `setup` (not timed)."""
     times = []
     for _ in range(repeat):
+        if setup is not None:
+            setup()
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -107,10 +110,8 @@ def bench_save_load(root: Path, sizes: list[int], repeat: int) -> None:
         plain = root / "plain.bin"
         t_plain = best(lambda: plain_write(plain, data), repeat)
 
-        def save() -> None:
-            fresh(root / f"save{size}.files")
-            store.store(data)
-        t_store = best(save, repeat)
+        t_store = best(lambda: store.store(data), repeat,
+                       setup=lambda: fresh(root / f"save{size}.files"))
         version = [0]
 
         def in_log() -> None:
@@ -134,7 +135,8 @@ def bench_save_load(root: Path, sizes: list[int], repeat: int) -> None:
             line += "   torch.save: torch not installed"
         print(line)
         address = store.store(data).address
-        t_get = best(lambda: store.get(address), repeat)
+        # the file store itself: `store.get` would find the same bytes in the log (in_log above)
+        t_get = best(lambda: store.files.get(address), repeat)
         t_read = best(lambda: (root / f"save{size}.files" / address).read_bytes(), repeat)
         print(f"           load {size / MB / t_get:7.1f} MB/s   plain read "
               f"{size / MB / t_read:7.1f} MB/s ({t_read / t_get:4.0%} of it)")
@@ -278,24 +280,36 @@ def bench_job_rss(root: Path, size: int) -> None:
           f"{peak / MB:.0f} MB (goal <= 2x state + 300 MB = {(2 * size) / MB + 300:.0f} MB)")
 
 
+SECTIONS = ("threshold", "save", "rss", "reopen", "stall", "job-rss")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
     parser.add_argument("--dir", type=Path, default=None, help="where to write (a disk)")
+    parser.add_argument("--only", choices=SECTIONS, action="append",
+                        help="run only this section (repeatable)")
     args = parser.parse_args()
+    run = set(args.only or SECTIONS)
     repeat = 2 if args.quick else 3
     sizes = [1 * MB, 16 * MB] if args.quick else [1 * MB, 64 * MB, 512 * MB]
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         root = Path(tmp)
         print(f"inline threshold: {INLINE_MAX_BYTES >> 10} KiB")
-        bench_threshold(root, 5 if args.quick else 10)
-        bench_save_load(root, sizes, repeat)
-        bench_rss(root, 64 * MB if args.quick else 512 * MB)
-        bench_reopen(root, 4 * MB if args.quick else 64 * MB, repeat)
+        if "threshold" in run:
+            bench_threshold(root, 5 if args.quick else 10)
+        if "save" in run:
+            bench_save_load(root, sizes, repeat)
+        if "rss" in run:
+            bench_rss(root, 64 * MB if args.quick else 512 * MB)
+        if "reopen" in run:
+            bench_reopen(root, 4 * MB if args.quick else 64 * MB, repeat)
         stall_size = 64 * MB if args.quick else 512 * MB
-        # checkpoints further apart than a save takes: one in flight at a time never waits
-        bench_stall(root, stall_size, 11 if args.quick else 15, 1.0, 4)
-        bench_job_rss(root, stall_size)
+        if "stall" in run:
+            # checkpoints further apart than a save takes: one in flight at a time never waits
+            bench_stall(root, stall_size, 11 if args.quick else 15, 1.0, 4)
+        if "job-rss" in run:
+            bench_job_rss(root, stall_size)
 
 
 if __name__ == "__main__":
