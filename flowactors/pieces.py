@@ -28,6 +28,7 @@ __all__ = ["MIN_PIECE_BYTES", "Pieces", "digest", "encode"]
 MIN_PIECE_BYTES = 1 << 20  # below this, copying costs less than the swap
 _EXT_CODE = 99  # any code: the token never reaches the stored bytes
 _TOKEN_BYTES = 16  # fixext 16: a one-byte header, the code, the token
+_MAX_WALKED_ITEMS = 4096  # a longer list (of numbers, say) is not walked item by item
 _encoder = msgspec.msgpack.Encoder()
 
 
@@ -49,7 +50,7 @@ class Pieces:
 
 def encode(value: Any) -> bytes | Pieces:
     """`codec.encode(value)`, as `Pieces` when the value holds `bytes` of `MIN_PIECE_BYTES` or
-    more (in Structs, tuples, lists and dict values), else as bytes.
+    more (in Structs, dict values, and tuples and lists of up to 4,096 items), else as bytes.
 
     Raises:
         StateNotStorable: a part of the state cannot be stored.
@@ -131,7 +132,7 @@ def _swap(item: Any, large: dict[bytes, bytes]) -> Any:
             return msgspec.structs.replace(item, **changed)
         except Exception:  # a __post_init__ that checks its fields: encode it whole
             raise _Whole from None
-    if type(item) in (tuple, list):
+    if type(item) in (tuple, list) and len(item) <= _MAX_WALKED_ITEMS:
         new_items = [_swap(part, large) for part in item]
         if all(new is old for new, old in zip(new_items, item)):
             return item

@@ -81,6 +81,7 @@ def test_a_large_bytes_value_is_a_piece_of_its_own_not_a_copy():
 
 @pytest.mark.parametrize("value", [
     Defaults(), Defaults(blob=b"\x01" * 64), Checked(blob=b"\x02" * 64), {"small": b"abc"},
+    [b"\x05" * 64] + [0.5] * 5000,  # too long a list to walk item by item
 ])
 def test_values_the_swap_cannot_handle_are_encoded_whole(small_pieces, value):
     encoded = pieces.encode(value)

@@ -7,7 +7,8 @@
 - save: time until durable of a 1 MB, 64 MB, 512 MB state through the checkpoint store vs plain
   `write` + `fsync` of the same bytes, vs the log's blob path (what every state took before),
   and vs `torch.save` + `fsync` when torch is installed;
-- load: the checkpoint store's checked read vs a plain read of the file;
+- load: the checkpoint store's checked read vs a plain read of the file, from the page cache
+  and from the disk (the file's cached pages dropped first);
 - peak RSS of a process saving a 512 MB state, against the state's size;
 - reopen: a runtime opening a log with 20 checkpoint files of 64 MB vs the same log shape with
   small states;
@@ -61,6 +62,16 @@ def plain_write(path: Path, data: bytes) -> None:
         while done < len(view):
             done += os.write(fd, view[done:done + (64 << 20)])
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def drop_cached(path: Path) -> None:
+    """Evict a (written and synced) file's pages from the page cache: the next read is the
+    disk's, as after a reboot."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
 
@@ -136,10 +147,12 @@ def bench_save_load(root: Path, sizes: list[int], repeat: int) -> None:
         print(line)
         address = store.store(data).address
         # the file store itself: `store.get` would find the same bytes in the log (in_log above)
-        t_get = best(lambda: store.files.get(address), repeat)
-        t_read = best(lambda: (root / f"save{size}.files" / address).read_bytes(), repeat)
-        print(f"           load {size / MB / t_get:7.1f} MB/s   plain read "
-              f"{size / MB / t_read:7.1f} MB/s ({t_read / t_get:4.0%} of it)")
+        file = root / f"save{size}.files" / address
+        for where, setup in (("cached", None), ("disk", lambda: drop_cached(file))):
+            t_get = best(lambda: store.files.get(address), repeat, setup)
+            t_read = best(file.read_bytes, repeat, setup)
+            print(f"           load, {where:>6}: checked {size / MB / t_get:7.1f} MB/s   plain read "
+                  f"{size / MB / t_read:7.1f} MB/s ({t_read / t_get:4.0%} of it)")
         store.log.close()
         del data
 
