@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import datetime, timedelta, timezone
 
 import httpx
 import pytest
 from helpers import sim_spec, wait_until
 from serving import frames, result, served, spec_json
 
+from flowactors.events import CheckpointSaved, IterationCompleted, RecordedEvent
 from flowactors.history import history_line
+from flowactors.server.metrics import Tally
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -209,3 +212,31 @@ def test_metrics_count_what_the_log_records(rt):
     assert after['flowactors_checkpoint_seconds_bucket{le="+Inf"}'] == saved
     assert after["flowactors_commit_delay_seconds_count"] >= 1
     assert after['flowactors_iterations_total{job_id="w"}'] == 3
+
+
+def test_a_checkpoint_written_in_the_background_is_timed_from_its_own_iteration():
+    """A late `CheckpointSaved` (appended after later iterations) is timed from its own
+    iteration's event, and a checkpoint of an iteration never seen is not timed."""
+    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+    def recorded(position: int, seconds: float, event) -> RecordedEvent:  # noqa: ANN001
+        return RecordedEvent(position=position, stream="j", version=position, type="t",
+                             schema_version=1, recorded_at=start + timedelta(seconds=seconds),
+                             event=event)
+
+    def iteration(n: int) -> IterationCompleted:
+        return IterationCompleted(iteration=n, avg_reward=0.0, loss=0.0, std_reward=0.0,
+                                  success_rate=0.0)
+
+    def checkpoint(n: int) -> CheckpointSaved:
+        return CheckpointSaved(iteration=n, state_ref="0" * 64, validation_score=0.0,
+                               policy_digest="0" * 64, optimizer_digest=None, rng_digest=None,
+                               state_digest="0" * 64)
+
+    tally = Tally()
+    tally([recorded(1, 0.0, iteration(4)), recorded(2, 1.0, iteration(5)),
+           recorded(3, 2.0, iteration(6)), recorded(4, 2.5, checkpoint(4)),
+           recorded(5, 3.0, checkpoint(2))])
+    histogram = "\n".join(tally.lines())
+    assert "flowactors_checkpoint_seconds_count 1" in histogram
+    assert "flowactors_checkpoint_seconds_sum 2.5" in histogram

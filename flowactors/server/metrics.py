@@ -61,6 +61,9 @@ class Histogram:
         return out
 
 
+_RECENT_ITERATIONS = 1024  # per job: a checkpoint further behind is not timed
+
+
 class Tally:
     """Counters and latencies from the events read from the log (fed by the EventHub)."""
 
@@ -71,7 +74,9 @@ class Tally:
         self.failures: dict[str, int] = {}
         self.checkpoint_seconds = Histogram()
         self.commit_delay_seconds = Histogram()
-        self._iteration_at: dict[str, tuple[int, datetime]] = {}
+        # per job, when each iteration since its last checkpoint was recorded: a checkpoint
+        # written in the background is appended after later iterations
+        self._iterations_at: dict[str, dict[int, datetime]] = {}
 
     def __call__(self, events: Sequence[RecordedEvent]) -> None:
         now = time.time()
@@ -86,12 +91,18 @@ class Tally:
                     self.iterations[job] = self.iterations.get(job, 0) + 1
                     self.rollouts[job] = self.rollouts.get(job, 0) + event.n_trajectories
                     self.failures[job] = self.failures.get(job, 0) + event.n_failed
-                    self._iteration_at[job] = (event.iteration, recorded.recorded_at)
+                    recent = self._iterations_at.setdefault(job, {})
+                    recent[event.iteration] = recorded.recorded_at
+                    if len(recent) > _RECENT_ITERATIONS:
+                        del recent[next(iter(recent))]
                 elif type(event) is CheckpointSaved:
-                    seen = self._iteration_at.get(job)
-                    if seen is not None and seen[0] == event.iteration:
+                    recent = self._iterations_at.get(job, {})
+                    at = recent.get(event.iteration)
+                    if at is not None:
                         self.checkpoint_seconds.observe(
-                            (recorded.recorded_at - seen[1]).total_seconds())
+                            (recorded.recorded_at - at).total_seconds())
+                    for iteration in [i for i in recent if i <= event.iteration]:
+                        del recent[iteration]
 
     def lines(self) -> list[str]:
         out: list[str] = []
