@@ -68,6 +68,11 @@ class StoredBlob(msgspec.Struct, frozen=True, kw_only=True):
     location: str | None
 
 
+def run_now(work: Callable[[], Any]) -> None:
+    """Run `work` on the calling thread (what `StateStore.remove_later` does by default)."""
+    work()
+
+
 class StateStore:
     """The log's blobs and the checkpoint files, as one place to store and load states.
 
@@ -86,6 +91,9 @@ class StateStore:
         self.jobs = jobs
         self.location = files.url
         self.inline_max_bytes = inline_max_bytes
+        # runs the removal of discarded files, which is slow (hundreds of megabytes leaving
+        # the page cache and the disk): the runtime hands it to its checkpoint writers
+        self.remove_later: Callable[[Callable[[], Any]], Any] = run_now
         self._lock = threading.Lock()
         # Stored (in the log's append or a file), its event not yet appended: a release
         # keeps these, whatever the folded states say.
@@ -93,9 +101,10 @@ class StateStore:
 
     # --- storing and loading ---
 
-    def store(self, blob: bytes | Pieces) -> StoredBlob:
+    def store(self, blob: bytes | Pieces, *, background: bool = False) -> StoredBlob:
         """Make a state durable (a large one in the checkpoint store) before its event is
-        appended; call `settled` once the event is appended or abandoned.
+        appended; call `settled` once the event is appended or abandoned. `background`: no
+        one waits for it (`FileCheckpoints.put`).
 
         Raises:
             CheckpointUnstorable: the checkpoint store refused it `PUT_ATTEMPTS` times.
@@ -107,10 +116,10 @@ class StateStore:
         delay = PUT_BACKOFF_SECONDS
         for attempt in range(1, PUT_ATTEMPTS + 1):
             try:
-                address = self.files.put(blob)
+                address = self.files.put(blob, background=background)
                 with self._lock:  # a release deleting the same bytes meanwhile is seen here
                     if self.files.size(address) != len(blob):
-                        address = self.files.put(blob)
+                        address = self.files.put(blob, background=background)
                     self._pending[address] = self._pending.get(address, 0) + 1
                 fault_point("checkpoint.stored")  # durable, its event not yet appended
                 return StoredBlob(address=address, size=len(blob), location=self.location)
@@ -189,10 +198,15 @@ class StateStore:
             if in_log:
                 self.log.delete_blobs(in_log)
                 log.info("checkpoint_blobs_deleted", addresses=in_log)
+            discarded = []
             for address in unneeded:
-                if address not in in_log and self.files.has(address):
-                    self.files.delete(address)
-                    log.info("checkpoint_file_deleted", address=address)
+                if address not in in_log:
+                    name = self.files.discard(address)
+                    if name is not None:
+                        discarded.append(name)
+                        log.info("checkpoint_file_deleted", address=address)
+        if discarded:
+            self.remove_later(lambda: [self.files.remove_leftover(n) for n in discarded])
 
     # --- checks ---
 

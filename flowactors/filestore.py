@@ -32,10 +32,13 @@ from .pieces import Pieces, digest
 __all__ = ["FileCheckpoints"]
 
 _TEMP_SUFFIX = ".partial"
-# A large state is written and flushed (fdatasync) 64 MiB at a time: the disk's queue stays
-# short, so the commits of other jobs never wait behind hundreds of megabytes of dirty pages,
-# and the last fsync has little left to do (measured: as fast as one fsync at the end).
-_CHUNK = 64 << 20
+_DISCARDED_SUFFIX = ".discarded"
+# A large state is written 1 MiB per call (a call holds its core in the kernel for its whole
+# copy) and flushed (fdatasync) every 64 MiB: the disk's queue stays short, so the commits of
+# other jobs never wait behind hundreds of megabytes of dirty pages, and the last fsync has
+# little left to do (measured: as fast as one write and one fsync).
+_WRITE_BYTES = 1 << 20
+_FLUSH_BYTES = 64 << 20
 _READ_CHUNK = 4 << 20  # a read's size: hashing one overlaps reading the next
 _HASH_WHILE_WRITING = 256 << 10  # from here, hashing beside the write beats hashing first
 
@@ -75,13 +78,18 @@ class FileCheckpoints:
 
     # --- the CheckpointStore port ---
 
-    def put(self, data: bytes | memoryview | Pieces) -> str:
+    def put(self, data: bytes | memoryview | Pieces, *, background: bool = False) -> str:
         """Store bytes (whole or in pieces) durably under their address (hashed here, once);
         return it. A file already there with the same size is the same content: nothing is
-        written again."""
+        written again.
+
+        `background`: nobody waits for this put (a checkpoint written while its job trains
+        on), so it keeps to one core — hashing each slice on this thread before writing it —
+        instead of hashing on a second core beside the write, which is faster but takes a
+        core from training and from every other job's iterations."""
         parts = data.parts if isinstance(data, Pieces) else [memoryview(data)]
         if self.local and len(data) >= _HASH_WHILE_WRITING:
-            return self._write_local_hashing(parts, len(data))
+            return self._write_local_hashing(parts, len(data), background)
         address = digest(data)
         if self.size(address) != len(data):
             if self.local:
@@ -116,15 +124,26 @@ class FileCheckpoints:
 
     def delete(self, address: str) -> bool:
         """Remove the file (the caller decided nothing needs it); True once it is gone."""
-        try:
-            if self.local:
-                os.unlink(self._path(address))
-                self._sync_dir()
-            else:
-                self.fs.rm_file(self._path(address))
-        except FileNotFoundError:
-            pass
+        discarded = self.discard(address)
+        if discarded is not None:
+            self.remove_leftover(discarded)
         return True
+
+    def discard(self, address: str) -> str | None:
+        """Take the file out of the store at once (a rename: a put of the same bytes from now
+        on writes it anew) and return the name of what is left to remove with
+        `remove_leftover` — on a local disk, where removing hundreds of megabytes takes a
+        tenth of a second — or None when it is already gone. A crash in between leaves a
+        leftover that the next open removes."""
+        try:
+            if not self.local:
+                self.fs.rm_file(self._path(address))
+                return None
+            name = f".{address}.{uuid.uuid4().hex[:8]}{_DISCARDED_SUFFIX}"
+            os.replace(self._path(address), f"{self.root}/{name}")
+            return name
+        except FileNotFoundError:
+            return None
 
     # --- what the runtime's checks need ---
 
@@ -141,8 +160,10 @@ class FileCheckpoints:
         return {name: size for name, size in self._listing() if _is_address(name)}
 
     def leftovers(self) -> list[str]:
-        """Temporary files of writes that never finished (a crash mid-put)."""
-        return [name for name, _ in self._listing() if name.endswith(_TEMP_SUFFIX)]
+        """Temporary files of writes that never finished (a crash mid-put) and discarded
+        files not yet removed."""
+        return [name for name, _ in self._listing()
+                if name.endswith((_TEMP_SUFFIX, _DISCARDED_SUFFIX))]
 
     def remove_leftover(self, name: str) -> None:
         try:
@@ -170,18 +191,26 @@ class FileCheckpoints:
 
     # --- local files: durable before put returns ---
 
-    def _write_local_hashing(self, parts: list[bytes | memoryview], size: int) -> str:
-        """Write a state while another thread hashes it (hashlib releases the GIL): the one
-        hash pass overlaps the write instead of preceding it."""
-        found: list[str] = []
-        hasher = threading.Thread(target=lambda: found.append(digest(Pieces(parts))),
-                                  name="flowactors-hash", daemon=True)
-        hasher.start()
-        try:
-            temp = self._write_temp(f"state.{uuid.uuid4().hex}", parts)
-        finally:
-            hasher.join()
-        address = found[0]
+    def _write_local_hashing(self, parts: list[bytes | memoryview], size: int,
+                             one_core: bool) -> str:
+        """Write a state while it is hashed — slice by slice on this thread (`one_core`), or
+        by another thread beside the write (hashlib releases the GIL): either way one hash
+        pass, not a pass before the write."""
+        name = f"state.{uuid.uuid4().hex}"
+        if one_core:
+            hasher = hashlib.sha256()
+            temp = self._write_temp(name, parts, hasher)
+            address = hasher.hexdigest()
+        else:
+            found: list[str] = []
+            thread = threading.Thread(target=lambda: found.append(digest(Pieces(parts))),
+                                      name="flowactors-hash", daemon=True)
+            thread.start()
+            try:
+                temp = self._write_temp(name, parts)
+            finally:
+                thread.join()
+            address = found[0]
         if self.size(address) == size:  # stored already: the same bytes
             os.unlink(temp)
         else:
@@ -189,9 +218,10 @@ class FileCheckpoints:
             self._sync_dir()
         return address
 
-    def _write_temp(self, name: str, parts: list[bytes | memoryview]) -> str:
-        """Write and fsync the bytes of `parts`, one after the other, to a temporary file;
-        return its path."""
+    def _write_temp(self, name: str, parts: list[bytes | memoryview],
+                    hasher: Any = None) -> str:
+        """Write and fsync the bytes of `parts`, one after the other, to a temporary file
+        (feeding each slice to `hasher` first, if given); return its path."""
         temp = f"{self.root}/.{name}.{uuid.uuid4().hex[:8]}{_TEMP_SUFFIX}"
         if self.create:
             os.makedirs(self.root, exist_ok=True)
@@ -202,10 +232,15 @@ class FileCheckpoints:
                 with memoryview(part).cast("B") as view:
                     done = 0
                     while done < len(view):
-                        written = os.write(fd, view[done:done + _CHUNK])
+                        piece = view[done:done + _WRITE_BYTES]
+                        if hasher is not None:
+                            hasher.update(piece)
+                        written = 0
+                        while written < len(piece):
+                            written += os.write(fd, piece[written:])
                         done += written
                         unflushed += written
-                        if unflushed >= _CHUNK:
+                        if unflushed >= _FLUSH_BYTES:
                             os.fdatasync(fd)
                             unflushed = 0
             os.fsync(fd)

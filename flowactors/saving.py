@@ -24,7 +24,7 @@ from typing import Any
 import msgspec
 
 from . import codec, pieces
-from .checkpointing import StateStore, StoredBlob
+from .checkpointing import StateStore, StoredBlob, run_now
 from .commands import SavedState
 from .events import Digest
 from .faults import fault_point
@@ -142,6 +142,7 @@ class CheckpointSaves:
         self.state_store = state_store
         self._pool = ThreadPoolExecutor(max_workers=workers, initializer=_yield_the_cores,
                                         thread_name_prefix="flowactors-checkpoint")
+        state_store.remove_later = self._pool.submit  # pruned files, off the jobs' threads
 
     def start(self, iteration: int, metrics: dict[str, float], taken: Snapshot
               ) -> SaveInFlight:
@@ -152,11 +153,14 @@ class CheckpointSaves:
             snap = taken.snap
             data = pieces.encode(snap) if taken.blob is None else taken.blob
             digests = part_digests(snap) if taken.digests is None else taken.digests
-            return saved_state(digests, self.state_store.store(data), taken.score)
+            stored = self.state_store.store(data, background=True)
+            return saved_state(digests, stored, taken.score)
 
         return SaveInFlight(iteration, metrics, self._pool.submit(write))
 
     def close(self) -> None:
+        """Wait for the writes and removals under way; the next open sweeps what is left."""
+        self.state_store.remove_later = run_now
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 

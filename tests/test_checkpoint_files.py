@@ -121,16 +121,20 @@ def test_pruning_deletes_the_files_no_job_needs_and_keeps_a_file_another_job_nam
 
 
 def test_orphans_and_unfinished_writes_are_swept_on_open(tmp_path):
-    """A file no event names (a crash between its write and its event) and a temporary file
-    of an unfinished write are deleted when the log opens; the files jobs need stay."""
+    """A file no event names (a crash between its write and its event), a temporary file
+    of an unfinished write and a discarded file not yet removed are deleted when the log
+    opens; the files jobs need stay."""
     db = tmp_path / "flow.db"
     with open_runtime(db) as rt:
         job = rt.submit(bulky_spec(n_iterations=2))
         rt.wait(job, timeout=60)
     needed = files_of(db)
     directory = Path(str(db) + ".checkpoints")
-    orphan = FileCheckpoints(directory).put(os.urandom(BIG))
+    files = FileCheckpoints(directory)
+    orphan = files.put(os.urandom(BIG))
     (directory / f".{orphan}.1234abcd.partial").write_bytes(b"half a state")
+    discarded = files.discard(files.put(os.urandom(BIG)))  # a crash before its removal
+    assert (directory / discarded).exists()
     assert orphan in files_of(db)
     with open_runtime(db):
         pass
@@ -188,7 +192,7 @@ class FullDisk(FileCheckpoints):
 
     puts = 0
 
-    def put(self, data):  # noqa: ANN001
+    def put(self, data, **options):  # noqa: ANN001, ANN003
         FullDisk.puts += 1
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -228,7 +232,7 @@ class HeldFiles(FileCheckpoints):
         self.entered = self.active = self.most = 0
         self.lock = threading.Lock()
 
-    def put(self, data):  # noqa: ANN001
+    def put(self, data, **options):  # noqa: ANN001, ANN003
         with self.lock:
             gate = self.gates[self.entered]
             self.entered += 1
@@ -237,7 +241,7 @@ class HeldFiles(FileCheckpoints):
         try:
             while not (self.release.wait(0.01) or gate.is_set()):
                 pass
-            return super().put(data)
+            return super().put(data, **options)
         finally:
             with self.lock:
                 self.active -= 1
@@ -480,3 +484,20 @@ def test_a_fork_from_a_checkpoint_file_shares_the_file_in_a_runtime_and_from_the
             c.state_ref for c in rt.checkpoints("parent") if c.iteration == 4}
     verified = CliRunner().invoke(main, ["verify", "--db", str(db)])
     assert verified.exit_code == 0, verified.output
+
+
+def test_a_discarded_file_leaves_the_store_at_once_and_the_same_bytes_are_written_anew(
+        tmp_path):
+    """`discard` takes a file out of the store by a rename (its removal comes later): from
+    then on it is not there, and a put of the same bytes writes it again."""
+    files = FileCheckpoints(tmp_path / "files")
+    data = os.urandom(BIG)
+    address = files.put(data)
+    name = files.discard(address)
+    assert name is not None and name in files.leftovers()
+    assert not files.has(address) and address not in files.files()
+    assert files.discard(address) is None
+    assert files.put(data) == address and files.get(address) == data
+    files.remove_leftover(name)
+    assert files.leftovers() == [] and files.get(address) == data
+
