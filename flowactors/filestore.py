@@ -174,12 +174,15 @@ class FileCheckpoints:
     def _listing(self) -> Iterator[tuple[str, int]]:
         if self.local:
             try:
-                with os.scandir(self.root) as entries:
-                    for entry in entries:
-                        if entry.is_file(follow_symlinks=False):
-                            yield entry.name, entry.stat().st_size
+                entries = list(os.scandir(self.root))
             except FileNotFoundError:
-                pass
+                return
+            for entry in entries:
+                try:  # a file removed since the directory was read is not listed
+                    if entry.is_file(follow_symlinks=False):
+                        yield entry.name, entry.stat(follow_symlinks=False).st_size
+                except FileNotFoundError:
+                    continue
             return
         try:
             found = self.fs.ls(self.root, detail=True)

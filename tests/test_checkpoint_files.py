@@ -501,3 +501,32 @@ def test_a_discarded_file_leaves_the_store_at_once_and_the_same_bytes_are_writte
     files.remove_leftover(name)
     assert files.leftovers() == [] and files.get(address) == data
 
+
+
+class Listing(list):
+    """What `os.scandir` returns: entries to iterate, in a `with` or not."""
+
+    def __enter__(self) -> Listing:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def test_a_file_removed_while_the_directory_is_listed_does_not_hide_the_others(
+        tmp_path, monkeypatch):
+    """Discarded files are removed by another thread: one vanishing between the directory
+    read and its stat is left out of the listing, and every other file is still listed
+    (an open would otherwise call the files after it missing)."""
+    files = FileCheckpoints(tmp_path / "files")
+    kept = {files.put(os.urandom(BIG)) for _ in range(3)}
+    vanishing = files.discard(files.put(os.urandom(BIG)))
+    real_scandir = os.scandir
+
+    def scandir_then_remove(path):  # noqa: ANN001, ANN202
+        entries = sorted(real_scandir(path), key=lambda e: e.name != vanishing)  # it first
+        (tmp_path / "files" / vanishing).unlink()
+        return Listing(entries)
+
+    monkeypatch.setattr(os, "scandir", scandir_then_remove)
+    assert set(files.files()) == kept
