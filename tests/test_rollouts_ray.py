@@ -1,7 +1,8 @@
 """Rollouts as Ray tasks on a real local multi-node cluster (a head and two worker nodes, one
-cluster for the whole module): fixed order, the state put once per iteration, failures on a
-worker, timeouts and cancellation reaching the cluster, a node dying mid-iteration, digests
-equal to the thread backend's, and a SIGKILLed runtime resuming bit-identically.
+cluster for the whole module): fixed order, a large state put once per iteration (a small one
+inline), failures on a worker, timeouts and cancellation reaching the cluster, a node dying
+mid-iteration, digests equal to the thread backend's, and a SIGKILLed runtime resuming
+bit-identically.
 
 The workers run in other processes: they import flowactors from the same environment and the
 test tasks (`rollout_tasks`) through `runtime_env={"env_vars": {"PYTHONPATH": ...}}`."""
@@ -91,25 +92,33 @@ def test_a_rollout_that_raises_on_a_worker_is_a_failed_trajectory(rollouts):
     contract.check_failures_are_kept(rollouts, SYNC)
 
 
-def test_the_state_goes_to_the_object_store_once_per_iteration(rollouts, tmp_path,
-                                                                monkeypatch):
-    """One `ray.put` of the state per iteration (and one of the spec per job), not one per
-    rollout; and the job trains to the same final digest as on threads."""
+def test_a_large_state_goes_to_the_object_store_once_per_iteration_a_small_one_inline(
+        rollouts, tmp_path, monkeypatch):
+    """A state over `max_inline_state` bytes: one `ray.put` per iteration, not one per
+    rollout; a small state travels inside each task, with no put at all. Either way the job
+    trains to the same final digest as on threads."""
     puts = []
     real_put = ray.put
     monkeypatch.setattr(ray, "put", lambda value, **kw: puts.append(value) or real_put(value, **kw))
     spec = contract.probe_spec(SYNC, seed=11, seconds=0.2)
-    with open_runtime(tmp_path / "ray.db", rollouts=rollouts) as rt:
-        job_id = rt.submit(spec)
-        assert rt.wait(job_id, timeout=60).status is fa.JobStatus.COMPLETED
-        on_ray = _final_digest(rt, job_id)
-    assert all(isinstance(p, bytes) for p in puts)  # msgspec bytes, never our objects
-    assert len(puts) == spec.config.n_iterations + 1
+    stored = fa.RayRollouts(rollouts.address, max_inline_state=0)  # the same connection
+    digests = {}
+    try:
+        for name, backend in [("stored", stored), ("inline", rollouts)]:
+            puts.clear()
+            with open_runtime(tmp_path / f"{name}.db", rollouts=backend) as rt:
+                job_id = rt.submit(spec)
+                assert rt.wait(job_id, timeout=60).status is fa.JobStatus.COMPLETED
+                digests[name] = _final_digest(rt, job_id)
+            assert all(isinstance(p, bytes) for p in puts)  # msgspec bytes, never our objects
+            assert len(puts) == (spec.config.n_iterations if name == "stored" else 0), name
+    finally:
+        stored.close()
     monkeypatch.undo()
     with open_runtime(tmp_path / "threads.db") as rt:
         job_id = rt.submit(spec)
         assert rt.wait(job_id, timeout=60).status is fa.JobStatus.COMPLETED
-        assert _final_digest(rt, job_id) == on_ray
+        assert _final_digest(rt, job_id) == digests["stored"] == digests["inline"]
 
 
 def test_an_async_task_on_ray_trains_like_on_the_event_loop(rollouts, tmp_path):

@@ -1,7 +1,7 @@
 """Benchmark of the rollout backends (not part of the test suite); each figure against its
 baseline measured in the same run.
 
-    python tools/bench_rollouts.py [--quick]
+    python tools/bench_rollouts.py [--quick] [--only cpu|overhead|io|rss]...
 
 Prints:
   1. CPU-bound rollouts (~20 ms of pure Python each), 8 jobs x 16 rollouts per iteration:
@@ -29,6 +29,7 @@ from flowactors.console import stderr_logs
 
 TOOLS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS))
+SECTIONS = ("io", "rss", "cpu", "overhead")
 QUERIES = [fa.TrainingQuery(query=f"bench query {i}") for i in range(200)]
 
 
@@ -172,18 +173,27 @@ def bench_rss(directory: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer iterations")
+    parser.add_argument("--only", action="append", choices=SECTIONS,
+                        help="run only this section (repeatable; default: all)")
     args = parser.parse_args()
+    sections = set(args.only or SECTIONS)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     print(f"{os.cpu_count()} cores, Python {sys.version.split()[0]}")
     with stderr_logs(), tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        bench_io(directory, args.quick)
-        bench_rss(directory)
+        if "io" in sections:
+            bench_io(directory, args.quick)
+        if "rss" in sections:
+            bench_rss(directory)
+        if not sections & {"cpu", "overhead"}:
+            return 0
         # One local cluster, one worker per core; the workers import the bench tasks.
         with fa.RayRollouts(runtime_env={"env_vars": {"PYTHONPATH": str(TOOLS)}},
                             init_options={"num_cpus": os.cpu_count()}) as ray_rollouts:
-            bench_cpu(directory, ray_rollouts, 2 if args.quick else 5)
-            bench_overhead(directory, ray_rollouts, 2 if args.quick else 5)
+            if "cpu" in sections:
+                bench_cpu(directory, ray_rollouts, 2 if args.quick else 5)
+            if "overhead" in sections:
+                bench_overhead(directory, ray_rollouts, 2 if args.quick else 5)
     return 0
 
 

@@ -2,9 +2,11 @@
 local one started for this process.
 
 What runs where: the runtime, its log and every job's `init`/`update`/`evaluate` stay in this
-process; each rollout is one Ray task anywhere in the cluster. Per iteration the trainer state
-goes to the object store once (`ray.put` of its msgspec encoding) and every rollout of that
-iteration reads it from there; the trajectory comes back msgspec-encoded. Nothing of ours is
+process; each rollout is one Ray task anywhere in the cluster, given one msgspec-encoded
+argument. Per iteration a large trainer state goes to the object store once (`ray.put` of its
+msgspec encoding) and every rollout of that iteration reads it from there; a small one (up to
+`max_inline_state` bytes) travels inside each task's argument instead, which costs less than
+an object store round trip. The trajectory comes back msgspec-encoded. Nothing of ours is
 pickled: Ray pickles its own function reference, we hand it bytes.
 
 Failures: a rollout whose task raises, whose worker process or node dies, or which outlives
@@ -24,6 +26,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from typing import Any
 
 import msgspec
@@ -33,7 +36,7 @@ from ..logs import get_logger
 from ..spec import JobSpec, TrainingQuery
 from ..tasks import Task, Trajectory, failed_trajectory, snapshot
 from .base import Deadlines, OnComplete, Resolve, RolloutBatch, RolloutHandle
-from .ray_worker import rollout_on_worker, spec_bytes
+from .ray_worker import encode_call, rollout_on_worker, rollout_spec
 
 log = get_logger(__name__)
 
@@ -60,13 +63,16 @@ class RayRollouts:
             (True), or by raising KeyboardInterrupt in it (False).
         init_options: more keyword arguments for `ray.init` (e.g. `num_cpus` of a local one).
         health_check_s: how often to check that the cluster is reachable while rollouts run.
+        max_inline_state: a trainer state of at most this many bytes (encoded) travels
+            inside each rollout's task; a larger one is put in the object store once per
+            iteration.
     """
 
     def __init__(self, address: str | None = None, *, runtime_env: dict[str, Any] | None = None,
                  num_cpus: float = 1, remote_options: dict[str, Any] | None = None,
                  max_in_flight: int = 1024, max_retries: int = 0, force_cancel: bool = True,
                  init_options: dict[str, Any] | None = None,
-                 health_check_s: float = 1.0) -> None:
+                 health_check_s: float = 1.0, max_inline_state: int = 16 * 1024) -> None:
         import ray  # the optional extra: flowactors[ray]
 
         if max_in_flight < 1 or max_retries < 0:
@@ -78,6 +84,7 @@ class RayRollouts:
         self._force = force_cancel
         self._max_in_flight = max_in_flight
         self._health_check_s = health_check_s
+        self.max_inline_state = max_inline_state
         options = {"num_cpus": num_cpus, "max_retries": max_retries, "retry_exceptions": False,
                    **(remote_options or {})}
         self._remote = ray.remote(rollout_on_worker).options(**options)
@@ -86,7 +93,6 @@ class RayRollouts:
         self._in_flight = 0
         self._waiting: collections.deque[_Rollout] = collections.deque()
         self._running: set[_Rollout] = set()
-        self._specs: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self._generation = 0  # one per connection; results of an older one are ignored
         self._unavailable: str | None = None
         self._closed = False
@@ -143,21 +149,6 @@ class RayRollouts:
         self.close()
 
     # --- submitting, bounded ---
-
-    def _put_spec(self, spec: JobSpec) -> tuple[str, Any]:
-        data = spec_bytes(spec)
-        key = codec.digest(data)
-        with self._lock:
-            entry = self._specs.get(key)
-            if entry is not None and entry[0] == self._generation:
-                self._specs.move_to_end(key)
-                return key, entry[1]
-        ref = self._ray.put(data)
-        with self._lock:
-            self._specs[key] = (self._generation, ref)
-            while len(self._specs) > 256:
-                self._specs.popitem(last=False)
-        return key, ref
 
     def _enqueue(self, rollout: _Rollout) -> None:
         with self._lock:
@@ -280,7 +271,6 @@ class RayRollouts:
                                             reverse=True))
             self._running.clear()
             self._in_flight = 0
-            self._specs.clear()
         log.error("ray_cluster_unavailable", reason=reason)
         try:
             self._ray.shutdown()
@@ -309,32 +299,32 @@ class RayRollouts:
 
 
 class _Batch:
-    """One iteration of one job on Ray: its state in the object store, put once."""
+    """One iteration of one job on Ray: its spec and state encoded once, the state put in the
+    object store once when it is too large to travel inline."""
 
     def __init__(self, backend: RayRollouts, spec: JobSpec, state: Any, iteration: int,
                  queries: list[TrainingQuery]) -> None:
         self.backend = backend
-        self.spec = spec
-        self.state = state
         self.iteration = iteration
-        self.queries = [codec.encode(q) for q in queries]
-        self._cached: tuple[int, tuple[str, Any, str, Any]] | None = None
+        self.queries = [msgspec.Raw(codec.encode(q)) for q in queries]
+        spec_data = rollout_spec(spec)
+        self.spec_key, self.spec = codec.digest(spec_data), msgspec.Raw(spec_data)
+        self.state_key = uuid.uuid4().hex  # a worker's cache key for this iteration's state
+        self._state_data = codec.encode(state)
+        inline = len(self._state_data) <= backend.max_inline_state
+        self.state = self._state_data if inline else None  # None: in the object store
+        self._put: tuple[int, Any] | None = None
         self._lock = threading.Lock()
-        self._state_bytes = codec.encode(state)
-        self._refs()  # now, on the job's thread: the put happens once per iteration
+        if not inline:
+            self._state_ref()  # now, on the job's thread: the put happens once per iteration
 
-    def _refs(self) -> tuple[str, Any, str, Any]:
-        """The spec's and the state's object refs, put again after a reconnection."""
+    def _state_ref(self) -> Any:
+        """The stored state's object ref, put again after a reconnection."""
         backend = self.backend
         with self._lock:
-            refs = self._cached
-            if refs is not None and refs[0] == backend._generation:
-                return refs[1]
-            generation = backend._generation
-            spec_key, spec_ref = backend._put_spec(self.spec)
-            state_ref = backend._ray.put(self._state_bytes)
-            self._cached = (generation, (spec_key, spec_ref, state_ref.hex(), state_ref))
-            return self._cached[1]
+            if self._put is None or self._put[0] != backend._generation:
+                self._put = (backend._generation, backend._ray.put(self._state_data))
+            return self._put[1]
 
     def launch(self, unit: int, query_index: int, index: int, signal: threading.Event,
                resolve: Resolve) -> Any:
@@ -358,10 +348,12 @@ class _Rollout:
         self.order = next(_Rollout._orders)  # submission order, kept across a reconnection
 
     def submit(self, remote: Any, generation: int) -> Any:
-        spec_key, spec_ref, state_key, state_ref = self.batch._refs()
-        self.ref = remote.remote(spec_key, spec_ref, state_key, state_ref,
-                                 self.batch.queries[self.query_index], self.batch.iteration,
-                                 self.query_index, self.index)
+        batch = self.batch
+        call = encode_call(batch.spec_key, batch.spec, batch.state_key, batch.state,
+                           batch.queries[self.query_index], batch.iteration, self.query_index,
+                           self.index)
+        self.ref = (remote.remote(call) if batch.state is not None
+                    else remote.remote(call, batch._state_ref()))
         return self.ref
 
     def cancel_in_cluster(self) -> None:

@@ -35,6 +35,7 @@ ENTRY_POINT_GROUP = "flowactors.tasks"
 
 __all__ = ["BUILTIN_TASKS", "NoOptions", "Task", "TrainerState", "Trajectory",
            "failed_trajectory", "group_advantages", "load_task_class", "build_task",
+           "build_named_task",
            "restore", "reward_scale", "snapshot", "state_decoder"]
 
 
@@ -93,17 +94,22 @@ def reward_scale(name: str) -> str | None:
 
 def build_task(spec: JobSpec) -> Task:
     """Instantiate the spec's task with its options validated (SpecError naming the field)."""
-    cls = load_task_class(spec.task)
+    return build_named_task(spec.task, spec.task_options)
+
+
+def build_named_task(name: str, task_options: dict[str, Any]) -> Task:
+    """`build_task` from a spec's two task fields alone (a Ray worker gets no more)."""
+    cls = load_task_class(name)
     options_type = getattr(cls, "Options", NoOptions)
     try:
-        options = msgspec.convert(spec.task_options, options_type)
+        options = msgspec.convert(task_options, options_type)
     except msgspec.ValidationError as exc:
-        raise SpecError(f"invalid task_options for task {spec.task!r}: "
+        raise SpecError(f"invalid task_options for task {name!r}: "
                         f"{str(exc).replace('at `$', 'at `$.task_options')}") from None
     try:
         task = cls(options)
     except Exception as exc:
-        raise SpecError(f"task {spec.task!r} cannot be built from its options: "
+        raise SpecError(f"task {name!r} cannot be built from its options: "
                         f"{type(exc).__name__}: {one_line(str(exc))} - at `$.task_options`"
                         ) from None
     state_decoder(task)  # built now, on one thread, before any actor decodes with it
