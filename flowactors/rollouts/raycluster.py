@@ -169,15 +169,19 @@ class RayRollouts:
             self._finished(rollout, failed_trajectory(
                 f"rollout could not be submitted to Ray: {type(exc).__name__}: {exc}"))
             return
-        ref.future().add_done_callback(lambda future: self._done(rollout, generation, future))
+        # `_on_completed` is what `ref.future()` is built on, without a Future (its condition
+        # and lock) per rollout: the result, or the exception getting it raised.
+        ref._on_completed(lambda result: self._done(rollout, generation, result))
 
-    def _done(self, rollout: _Rollout, generation: int, future: Any) -> None:
+    def _done(self, rollout: _Rollout, generation: int, result: Any) -> None:
         with self._lock:
             if generation != self._generation or rollout not in self._running:
                 return  # from before a reconnection (it is submitted again), or cancelled
         try:
-            trajectory = _trajectory_decoder.decode(future.result())
-        except Exception as exc:  # the worker or its node died, the object was lost, ...
+            if isinstance(result, Exception):  # the worker or its node died, the object was
+                raise result                   # lost, the task was cancelled, ...
+            trajectory = _trajectory_decoder.decode(result)
+        except Exception as exc:
             failed = failed_trajectory(f"{type(exc).__name__}: {_first_line(exc)}")
             if self._watchdog is None:
                 self._finished(rollout, failed)
