@@ -6,8 +6,9 @@ A task name is a built-in name, an entry point of the group `flowactors.tasks`, 
 
 from __future__ import annotations
 
+import functools
 import importlib
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 import msgspec
@@ -64,11 +65,22 @@ def _require_task_class(obj: Any, name: str) -> type:
     return obj
 
 
+@functools.cache
+def _task_entry_points() -> dict[str, list[EntryPoint]]:
+    """The entry points of `ENTRY_POINT_GROUP` by name, read once per process: reading them
+    scans every installed distribution's metadata (milliseconds), and a task is built at each
+    submission, each job start and on each Ray worker."""
+    found: dict[str, list[EntryPoint]] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(ep.name, []).append(ep)
+    return found
+
+
 def load_task_class(name: str) -> type:
     """Find a task class by built-in name, entry point name, or 'module:attr'."""
     if name in BUILTIN_TASKS:
         return _import(BUILTIN_TASKS[name], name)
-    for ep in entry_points(group=ENTRY_POINT_GROUP, name=name):
+    for ep in _task_entry_points().get(name, ()):
         try:
             return _require_task_class(ep.load(), name)
         except SpecError:
