@@ -8,7 +8,8 @@ Prints:
      iterations per second on Ray (a local cluster, one worker per core) vs on threads;
   2. overhead: trivial rollouts through RayRollouts (8 jobs x 16 per iteration; and the
      backend alone, without jobs) vs the same number of bare Ray tasks submitted and gathered
-     by hand in waves of 128; the three in turn, three times, the best of each;
+     by hand in waves of 128; short rollouts sharing Ray tasks (the default) and a task
+     per rollout; all in turn, three times, the best of each;
   3. I/O-bound rollouts (`await asyncio.sleep(0.1)`), 1,000 per iteration: one iteration on
      the runtime's event loop vs on threads (8 per job, the default `max_parallel_rollouts`);
   4. RSS growth of this process with 1,000 rollouts in flight: coroutines vs 1,000 threads.
@@ -83,31 +84,41 @@ def bench_cpu(directory: Path, ray_rollouts, iterations: int) -> None:
 
 
 def bench_overhead(directory: Path, ray_rollouts, iterations: int, repeats: int = 3) -> None:
-    """The three measured in turn, `repeats` times; the best of each (the least disturbed by
-    other work on the machine, as the same run's baseline is)."""
+    """The figures measured in turn, `repeats` times; the best of each (the least disturbed by
+    other work on the machine, as the same run's baseline is). Each figure twice: with short
+    rollouts sharing Ray tasks (the default), and with a task per rollout, as the bare baseline
+    has (`max_rollouts_per_task=1`, a second backend on the same connection)."""
     import ray
     from bench_rollouts_tasks import trivial
 
     remote = ray.remote(trivial).options(num_cpus=1, max_retries=0)
+    one_each = fa.RayRollouts(max_rollouts_per_task=1)  # on the connection ray_rollouts made
     n = 8 * 16 * iterations
     ray.get([remote.remote(i) for i in range(256)], timeout=120)  # warm
     specs = [spec("CpuTask", 200 + i, n_iterations=iterations, batch_size=2, per_query=8,
                   parallel=16) for i in range(8)]
-    bare, backend, ours = [], [], []
+    seconds: dict[str, list[float]] = {}
     for repeat in range(repeats):
         started = time.perf_counter()
         for wave in range(iterations):
             ray.get([remote.remote(wave * 128 + i) for i in range(128)], timeout=120)
-        bare.append(time.perf_counter() - started)
-        backend.append(backend_waves(ray_rollouts, specs, iterations))
-        ours.append(run_jobs(directory / f"overhead-{repeat}.db", specs, ray_rollouts))
+        seconds.setdefault("bare", []).append(time.perf_counter() - started)
+        for name, backend in [("shared", ray_rollouts), ("one", one_each)]:
+            seconds.setdefault(f"alone {name}", []).append(
+                backend_waves(backend, specs, iterations))
+            seconds.setdefault(f"jobs {name}", []).append(
+                run_jobs(directory / f"overhead-{name}-{repeat}.db", specs, backend))
+    one_each.close()
+    bare = min(seconds["bare"])
     print(f"2. trivial rollouts, {n} in all (8 jobs x 16 per iteration, {iterations} iterations), "
           f"best of {repeats}:")
-    print(f"   bare Ray tasks by hand, waves of 128: {n / min(bare):7.0f} tasks/s")
-    print(f"   RayRollouts alone, waves of 8 x 16:   {n / min(backend):7.0f} rollouts/s "
-          f"= {min(bare) / min(backend) * 100:.0f}% of bare")
-    print(f"   RayRollouts under whole jobs:         {n / min(ours):7.0f} rollouts/s "
-          f"= {min(bare) / min(ours) * 100:.0f}% of bare (goal >= 80%)")
+    print(f"   bare Ray tasks by hand, waves of 128:  {n / bare:7.0f} tasks/s")
+    for label, key, goal in [("RayRollouts alone, waves of 8 x 16:   ", "alone", ""),
+                             ("RayRollouts under whole jobs:         ", "jobs",
+                              " (goal >= 80%)")]:
+        shared, one = min(seconds[f"{key} shared"]), min(seconds[f"{key} one"])
+        print(f"   {label}{n / shared:7.0f} rollouts/s = {bare / shared * 100:.0f}% of bare"
+              f"{goal}; a task per rollout: {n / one:.0f}/s = {bare / one * 100:.0f}%")
 
 
 def backend_waves(ray_rollouts, specs: list[fa.JobSpec], iterations: int) -> float:

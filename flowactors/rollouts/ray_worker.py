@@ -1,9 +1,10 @@
 """The code a Ray worker runs for one rollout. It never imports Ray: it gets bytes, returns bytes.
 
-Everything crossing the cluster is msgspec-encoded by us: one `RolloutCall` per rollout (the
-job's `RolloutSpec`, the query, where the rollout stands in the iteration, and the trainer
-state when it is small), the trainer state in the object store when it is large (put once per
-iteration by the runtime), and the trajectory that comes back. The worker finds the task's code
+Everything crossing the cluster is msgspec-encoded by us: one `RolloutCall` per Ray task (the
+job's `RolloutSpec`, the iteration, its rollouts' queries and places, and the trainer state
+when it is small), the trainer state in the object store when it is large (put once per
+iteration by the runtime), and what comes back: each rollout's trajectory and the seconds it
+took (the runtime gives short rollouts several to a task). The worker finds the task's code
 by the task name, exactly as a restarted runtime does, so the task's module must be importable
 on every node (installed there, or shipped with Ray's `runtime_env`). Built tasks and decoded
 states are cached per worker process by key, so the rollouts of one iteration decode its state
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -45,7 +47,8 @@ class RolloutSpec(msgspec.Struct, frozen=True, array_like=True):
 
 
 class RolloutCall(msgspec.Struct, frozen=True, array_like=True):
-    """One rollout's arguments as one Ray argument (each argument has a cost of its own).
+    """The arguments of a task's rollouts as one Ray argument (each argument has a cost of its
+    own): `rollouts` holds each one's (query, query index, index), run in that order.
 
     The spec and the state come with keys: a worker decodes each one once. `state` is None
     when the state is in the object store (then Ray passes its bytes as a second argument).
@@ -55,14 +58,13 @@ class RolloutCall(msgspec.Struct, frozen=True, array_like=True):
     spec: msgspec.Raw
     state_key: str
     state: bytes | None
-    query: TrainingQuery
     iteration: int
-    query_index: int
-    index: int
+    rollouts: list[tuple[TrainingQuery, int, int]]
 
 
 _spec_decoder = msgspec.msgpack.Decoder(RolloutSpec)
 _call_decoder = msgspec.msgpack.Decoder(RolloutCall)
+_results_decoder = msgspec.msgpack.Decoder(list[tuple[msgspec.Raw, float]])
 _encoder = msgspec.msgpack.Encoder()
 _CACHE_SIZE = 8
 _tasks: OrderedDict[str, tuple[RolloutSpec, Task]] = OrderedDict()
@@ -70,19 +72,31 @@ _states: OrderedDict[str, Any] = OrderedDict()
 _lock = threading.Lock()  # a worker may run tasks on several threads
 
 
-def rollout_on_worker(call_bytes: bytes, stored_state: bytes | None = None) -> bytes:
-    """One rollout on a worker: the encoded `Trajectory` (a failure is a failed trajectory)."""
+def rollouts_on_worker(call_bytes: bytes, stored_state: bytes | None = None) -> bytes:
+    """A task's rollouts on a worker, one after another: the encoded list of (`Trajectory`,
+    seconds) in the call's order (a failure is a failed trajectory)."""
+    call = _call_decoder.decode(call_bytes)
     try:
-        call = _call_decoder.decode(call_bytes)
         spec, task = _task(call.spec_key, call.spec)
         state = _state(call.state_key, task,
                        stored_state if call.state is None else call.state)
     except Exception as exc:  # the task cannot be loaded on this node: say which and why
-        return encode_trajectory(failed_trajectory(
+        failed = msgspec.Raw(encode_trajectory(failed_trajectory(
             f"rollout could not start on the worker: {type(exc).__name__}: "
-            f"{one_line(str(exc))}"))
-    rng = rollout_rng(spec.seed, call.iteration, call.query_index, call.index)
-    query = call.query
+            f"{one_line(str(exc))}")))
+        return _encoder.encode([(failed, 0.0)] * len(call.rollouts))
+    results = []
+    for query, query_index, index in call.rollouts:
+        started = time.perf_counter()
+        trajectory = _rollout(task, spec, state, query, call.iteration, query_index, index)
+        results.append((msgspec.Raw(trajectory), time.perf_counter() - started))
+    return _encoder.encode(results)
+
+
+def _rollout(task: Task, spec: RolloutSpec, state: Any, query: TrainingQuery, iteration: int,
+             query_index: int, index: int) -> bytes:
+    """One rollout, its encoded trajectory."""
+    rng = rollout_rng(spec.seed, iteration, query_index, index)
     never = threading.Event()  # a Ray task is stopped by ray.cancel, not by a signal
     try:
         if is_async_task(task):
@@ -106,10 +120,15 @@ def encode_trajectory(trajectory: Trajectory) -> bytes:
 
 
 def encode_call(spec_key: str, spec: msgspec.Raw, state_key: str, state: bytes | None,
-                query: msgspec.Raw, iteration: int, query_index: int, index: int) -> bytes:
-    """A `RolloutCall` from parts encoded once per batch (`spec`, `query`: their encodings)."""
-    return _encoder.encode((spec_key, spec, state_key, state, query, iteration, query_index,
-                            index))
+                iteration: int, rollouts: list[tuple[msgspec.Raw, int, int]]) -> bytes:
+    """A `RolloutCall` from parts encoded once per batch (`spec` and each query: their
+    encodings)."""
+    return _encoder.encode((spec_key, spec, state_key, state, iteration, rollouts))
+
+
+def decode_results(data: bytes) -> list[tuple[msgspec.Raw, float]]:
+    """What `rollouts_on_worker` returned: each encoded trajectory and its seconds."""
+    return _results_decoder.decode(data)
 
 
 def _task(key: str, data: msgspec.Raw) -> tuple[RolloutSpec, Task]:
