@@ -332,3 +332,24 @@ def test_cancel_reaches_a_shared_ray_task(cluster, rollouts, tmp_path, monkeypat
     hung = {int(p.name.split("-")[0]) for p in by_time[3:]}
     wait_until(lambda: all(_gone(pid) for pid in hung), timeout=20,
                message="the cancelled shared task's worker to stop")
+
+
+def test_a_refused_submission_is_a_failed_trajectory_for_each_rollout(cluster, rollouts,
+                                                                      monkeypatch):
+    """Ray refusing every submission (a bad option, say) gives each rollout a failed
+    trajectory that says so, however many rollouts there are: each refusal resolving its
+    rollout and launching the next does not nest on the stack."""
+    backend = fa.RayRollouts(cluster.address)  # on `rollouts`' connection
+
+    class Refusing:
+        def remote(self, *args):
+            raise ValueError("bad option")
+
+    monkeypatch.setattr(backend, "_remote", Refusing())
+    spec = contract.probe_spec(SYNC, config={"batch_size": 6, "n_trajectories_per_query": 100})
+    try:
+        groups = contract.run_batch(backend, spec)
+    finally:
+        backend.close()
+    errors = {t.error for group in groups for t in group}
+    assert errors == {"rollout could not be submitted to Ray: ValueError: bad option"}

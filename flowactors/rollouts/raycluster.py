@@ -100,6 +100,7 @@ class RayRollouts:
         self._waiting: collections.deque[Rollout] = collections.deque()
         self._running: set[RayTask] = set()
         self._seconds: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._pumping = threading.local()
         self._generation = 0  # one per connection; results of an older one are ignored
         self._unavailable: str | None = None
         self._closed = False
@@ -169,13 +170,21 @@ class RayRollouts:
         # else it waits for the rest of its batch's launches: `start` and a finished task pump
 
     def _pump(self) -> None:
-        """Submit waiting rollouts while there is room in flight."""
-        while True:
-            with self._lock:
-                nxt = self._next_task()
-            if nxt is None:
-                return
-            self._submit(*nxt)
+        """Submit waiting rollouts while there is room in flight. Called again from within
+        (a refused submission resolves its rollouts, which launch the next), it returns at
+        once: the loop it is in takes those too, and the stack stays flat."""
+        if getattr(self._pumping, "active", False):
+            return
+        self._pumping.active = True
+        try:
+            while True:
+                with self._lock:
+                    nxt = self._next_task()
+                if nxt is None:
+                    return
+                self._submit(*nxt)
+        finally:
+            self._pumping.active = False
 
     def _next_task(self) -> tuple[RayTask, int] | None:
         """The next Ray task to submit: the first waiting rollout and those of its batch
