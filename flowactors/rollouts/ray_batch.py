@@ -26,6 +26,11 @@ _PROCESS = uuid.uuid4().hex[:12]  # with a counter: keys no other runtime proces
 _batch_numbers = itertools.count()
 
 
+class ClusterUnreachable(Exception):
+    """The cluster did not answer before a `ray.put` (the backend waits for it; this never
+    leaves the package)."""
+
+
 class Backend(Protocol):
     """What a batch needs of its backend (`RayRollouts`, whose own methods these are)."""
 
@@ -58,7 +63,10 @@ class Batch:
         self._stored: tuple[int, Any] | None = None
         self._lock = threading.Lock()
         if not inline:
-            self.state_ref()  # now, on the job's thread: the put happens once per iteration
+            try:  # now, on the job's thread: the put happens once per iteration
+                self.state_ref()
+            except ClusterUnreachable:  # put when a rollout is submitted
+                pass
 
     def state_ref(self) -> Any:
         """The stored state's object ref, put again after a reconnection."""

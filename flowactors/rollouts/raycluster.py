@@ -35,7 +35,7 @@ from ..logs import get_logger
 from ..spec import JobSpec, TrainingQuery
 from ..tasks import Task, Trajectory, failed_trajectory, snapshot
 from .base import Deadlines, OnComplete, RolloutBatch, RolloutHandle
-from .ray_batch import Batch, RayTask, Rollout
+from .ray_batch import Batch, ClusterUnreachable, RayTask, Rollout
 from .ray_worker import rollouts_on_worker
 
 log = get_logger(__name__)
@@ -105,6 +105,7 @@ class RayRollouts:
         self._unavailable: str | None = None
         self._closed = False
         self._owns = not ray.is_initialized()
+        self._gcs: tuple[str, int] | None = None  # the cluster's address, watched if owned
         if self._owns:
             self._connect()
         self._wake = threading.Event()  # set on close
@@ -209,6 +210,9 @@ class RayRollouts:
     def _submit(self, ray_task: RayTask, generation: int) -> None:
         try:
             ref = ray_task.submit(self._remote)
+        except ClusterUnreachable as exc:  # its state could not be put: wait for the cluster
+            self._lost(str(exc))
+            return
         except Exception as exc:  # Ray refused it (not connected, a bad option)
             self._finished(ray_task, [failed_trajectory(
                 f"rollout could not be submitted to Ray: {type(exc).__name__}: {exc}")])
@@ -303,6 +307,11 @@ class RayRollouts:
                 self._seconds.popitem(last=False)
 
     def _put(self, data: bytes) -> Any:
+        """`ray.put`, tried only while the cluster answers: Ray ends the process whose put
+        finds its node's object store gone (the head died with it), before any exception."""
+        if self._watchdog is not None and self._gcs is not None and not _reachable(self._gcs):
+            host, port = self._gcs
+            raise ClusterUnreachable(f"the Ray cluster at {host}:{port} is unreachable")
         return self._ray.put(data)
 
     # --- the cluster going away and coming back ---
@@ -315,8 +324,7 @@ class RayRollouts:
         self._ray.init(address=self.address, runtime_env=self._runtime_env,
                        **{**options, **self._init_options})
         try:
-            self._gcs: tuple[str, int] | None = _host_port(
-                self._ray.get_runtime_context().gcs_address)
+            self._gcs = _host_port(self._ray.get_runtime_context().gcs_address)
         except Exception:  # a Ray Client connection (ray://) has no GCS address to watch
             self._gcs = None
 
@@ -336,6 +344,8 @@ class RayRollouts:
 
     def _lost(self, reason: str) -> None:
         with self._lock:
+            if self._unavailable is not None:
+                return  # the watchdog and a put both found it gone
             self._unavailable = reason
             self._generation += 1
             rollouts = [r for ray_task in self._running for r in ray_task.rollouts]
