@@ -61,12 +61,9 @@ def _reachable(port: int) -> bool:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("state", ["inline", "stored"])
-def test_the_runtime_waits_for_its_cluster_and_resumes_when_it_is_back(tmp_path, state):
+def test_the_runtime_waits_for_its_cluster_and_resumes_when_it_is_back(tmp_path):
     """Killed head mid-run: the job waits (`ray_cluster_unavailable`), the runtime survives,
-    reconnects (`ray_cluster_reconnected`) and completes the job bit-identically; whether the
-    job's state travels inside each Ray task or through the object store (put again after
-    the reconnection)."""
+    reconnects (`ray_cluster_reconnected`) and completes the job bit-identically."""
     JOB_ID, job_spec, reference = ray_child_reference(tmp_path)
 
     env = {**os.environ, "RAY_AUTH_MODE": "disabled",
@@ -79,8 +76,7 @@ def test_the_runtime_waits_for_its_cluster_and_resumes_when_it_is_back(tmp_path,
         wait_until(lambda: _reachable(port), timeout=60, message="the head to listen")
         output = tmp_path / "child.out"
         with open(output, "wb") as out:
-            child = subprocess.Popen([sys.executable, str(CHILD), str(db), f"127.0.0.1:{port}",
-                                      *(["0"] if state == "stored" else [])],
+            child = subprocess.Popen([sys.executable, str(CHILD), str(db), f"127.0.0.1:{port}"],
                                      env=env, stdin=subprocess.DEVNULL, stdout=out,
                                      stderr=subprocess.STDOUT)
 
