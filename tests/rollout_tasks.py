@@ -26,6 +26,7 @@ class ProbeOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     spin_ms: float = 0.0             # then burns this much CPU in pure Python
     fail_query: str | None = None    # every rollout of this query raises
     hang_query: str | None = None    # every rollout of this query ("*": any) waits until cancelled
+    hang_after: int = 0              # ... in the iterations after this many only
     marker_dir: str | None = None    # each rollout that starts leaves a file here
 
 
@@ -102,7 +103,7 @@ class ProbeTask:
         options = self.options
         draw, u = _draw(rng)
         _mark(options, draw)
-        if options.hang_query in (query.query, "*"):
+        if options.hang_query in (query.query, "*") and len(state.orders) >= options.hang_after:
             cancelled.wait(120)
             raise InterruptedError("cancelled")
         if query.query == options.fail_query:

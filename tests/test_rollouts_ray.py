@@ -1,7 +1,8 @@
 """Rollouts as Ray tasks on a real local multi-node cluster (a head and two worker nodes, one
-cluster for the whole module): fixed order, the state put once per iteration, failures on a
-worker, timeouts and cancellation reaching the cluster, a node dying mid-iteration, digests
-equal to the thread backend's, and a SIGKILLed runtime resuming bit-identically.
+cluster for the whole module): fixed order, a large state put once per iteration (a small one
+inline), failures on a worker, timeouts and cancellation reaching the cluster, a node dying
+mid-iteration, digests equal to the thread backend's, and a SIGKILLed runtime resuming
+bit-identically.
 
 The workers run in other processes: they import flowactors from the same environment and the
 test tasks (`rollout_tasks`) through `runtime_env={"env_vars": {"PYTHONPATH": ...}}`."""
@@ -16,15 +17,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 
 ray = pytest.importorskip("ray")
 
 import rollout_contract as contract  # noqa: E402
 from helpers import open_runtime, ray_child_reference, wait_until  # noqa: E402
+from rollout_tasks import expected_order  # noqa: E402
 
 import flowactors as fa  # noqa: E402
 from flowactors.events import IterationCompleted, JobCompleted  # noqa: E402
+from flowactors.rollouts.ray_worker import RolloutCall  # noqa: E402
 from flowactors.store import EventStore  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
@@ -91,25 +95,33 @@ def test_a_rollout_that_raises_on_a_worker_is_a_failed_trajectory(rollouts):
     contract.check_failures_are_kept(rollouts, SYNC)
 
 
-def test_the_state_goes_to_the_object_store_once_per_iteration(rollouts, tmp_path,
-                                                                monkeypatch):
-    """One `ray.put` of the state per iteration (and one of the spec per job), not one per
-    rollout; and the job trains to the same final digest as on threads."""
+def test_a_large_state_goes_to_the_object_store_once_per_iteration_a_small_one_inline(
+        rollouts, tmp_path, monkeypatch):
+    """A state over `max_inline_state` bytes: one `ray.put` per iteration, not one per
+    rollout; a small state travels inside each task, with no put at all. Either way the job
+    trains to the same final digest as on threads."""
     puts = []
     real_put = ray.put
     monkeypatch.setattr(ray, "put", lambda value, **kw: puts.append(value) or real_put(value, **kw))
     spec = contract.probe_spec(SYNC, seed=11, seconds=0.2)
-    with open_runtime(tmp_path / "ray.db", rollouts=rollouts) as rt:
-        job_id = rt.submit(spec)
-        assert rt.wait(job_id, timeout=60).status is fa.JobStatus.COMPLETED
-        on_ray = _final_digest(rt, job_id)
-    assert all(isinstance(p, bytes) for p in puts)  # msgspec bytes, never our objects
-    assert len(puts) == spec.config.n_iterations + 1
+    stored = fa.RayRollouts(rollouts.address, max_inline_state=0)  # the same connection
+    digests = {}
+    try:
+        for name, backend in [("stored", stored), ("inline", rollouts)]:
+            puts.clear()
+            with open_runtime(tmp_path / f"{name}.db", rollouts=backend) as rt:
+                job_id = rt.submit(spec)
+                assert rt.wait(job_id, timeout=60).status is fa.JobStatus.COMPLETED
+                digests[name] = _final_digest(rt, job_id)
+            assert all(isinstance(p, bytes) for p in puts)  # msgspec bytes, never our objects
+            assert len(puts) == (spec.config.n_iterations if name == "stored" else 0), name
+    finally:
+        stored.close()
     monkeypatch.undo()
     with open_runtime(tmp_path / "threads.db") as rt:
         job_id = rt.submit(spec)
         assert rt.wait(job_id, timeout=60).status is fa.JobStatus.COMPLETED
-        assert _final_digest(rt, job_id) == on_ray
+        assert _final_digest(rt, job_id) == digests["stored"] == digests["inline"]
 
 
 def test_an_async_task_on_ray_trains_like_on_the_event_loop(rollouts, tmp_path):
@@ -223,3 +235,121 @@ def test_a_node_that_dies_mid_iteration_gives_failed_trajectories_not_a_stuck_jo
     assert trainer.orders[0].count(-1) == first.n_failed  # failed ones kept in their place
     assert all(e.startswith(("WorkerCrashedError", "NodeDiedError", "ObjectLostError"))
                for e in trainer.errors), trainer.errors
+
+
+def _task_sizes(backend, monkeypatch) -> list[int]:
+    """How many rollouts each Ray task the backend submits runs, in submission order."""
+    decoder = msgspec.msgpack.Decoder(RolloutCall)
+    sizes: list[int] = []
+    remote = backend._remote
+
+    class Counting:
+        def remote(self, call, *rest):
+            sizes.append(len(decoder.decode(call).rollouts))
+            return remote.remote(call, *rest)
+
+    monkeypatch.setattr(backend, "_remote", Counting())
+    return sizes
+
+
+def _run(tmp_path, name: str, spec, backend, iteration: int):
+    """Run a job to completion; its final digest and its trainer state at `iteration`."""
+    with open_runtime(tmp_path / f"{name}.db", rollouts=backend) as rt:
+        job_id = rt.submit(spec)
+        assert rt.wait(job_id, timeout=60).status is fa.JobStatus.COMPLETED
+        return _final_digest(rt, job_id), rt.load_checkpoint(job_id, iteration)
+
+
+def test_short_rollouts_share_ray_tasks_and_come_back_in_the_fixed_order(
+        cluster, rollouts, tmp_path, monkeypatch):
+    """Once a job's rollouts are measured short, several of an iteration run in one Ray task:
+    fewer tasks than rollouts, every iteration's trajectories in the fixed order, the same
+    final digest as on threads. With a rollout timeout, each rollout keeps a task of its own."""
+    backend = fa.RayRollouts(cluster.address, max_rollouts_per_task=4)  # on `rollouts`' connection
+    sizes = _task_sizes(backend, monkeypatch)
+    spec = contract.probe_spec(SYNC, seed=13, config={"n_iterations": 4})
+    try:
+        on_ray, trainer = _run(tmp_path, "ray", spec, backend, 4)
+        assert sizes[:12] == [1] * 12  # the first iteration, not measured yet
+        assert sum(sizes) == 48 and max(sizes) > 1 and max(sizes) <= 4
+        assert trainer.orders == [expected_order(13, it, 3, 4) for it in range(1, 5)]
+        assert _run(tmp_path, "threads", spec, None, 4)[0] == on_ray
+
+        sizes.clear()
+        timed = contract.probe_spec(SYNC, seed=13, config={"n_iterations": 4,
+                                                          "rollout_timeout_s": 30.0})
+        _run(tmp_path, "timed", timed, backend, 4)
+        assert sizes == [1] * 48
+    finally:
+        backend.close()
+
+
+def test_a_rollout_that_raises_in_a_shared_task_fails_alone(cluster, rollouts, tmp_path,
+                                                            monkeypatch):
+    """A failing rollout among others in one Ray task is a failed trajectory in its place;
+    the task's other rollouts are not touched."""
+    backend = fa.RayRollouts(cluster.address, max_rollouts_per_task=4)  # on `rollouts`' connection
+    sizes = _task_sizes(backend, monkeypatch)
+    spec = contract.probe_spec(SYNC, seed=14, fail_query="q1",
+                               config={"n_iterations": 3, "batch_size": 6})  # every query
+    try:
+        _, trainer = _run(tmp_path, "ray", spec, backend, 3)
+    finally:
+        backend.close()
+    assert sizes[:24] == [1] * 24 and max(sizes[24:]) > 1
+    for iteration, order in enumerate(trainer.orders, start=1):
+        failed = [k for k, draw in enumerate(order) if draw == -1]
+        assert len(failed) == 4 and failed == list(range(failed[0], failed[0] + 4))
+        assert failed[0] % 4 == 0  # one query's group, in its place
+        expected = expected_order(14, iteration, 6, 4)
+        assert [d for d in order if d != -1] == [
+            d for k, d in enumerate(expected) if k not in failed]
+    assert len(trainer.errors) == 12
+    assert all("failed on purpose" in error for error in trainer.errors)
+
+
+def test_cancel_reaches_a_shared_ray_task(cluster, rollouts, tmp_path, monkeypatch):
+    """A cancelled job's shared Ray task is cancelled in the cluster: its worker process
+    ends, and cancel returns at once."""
+    backend = fa.RayRollouts(cluster.address, max_rollouts_per_task=4)  # on `rollouts`' connection
+    sizes = _task_sizes(backend, monkeypatch)
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    spec = contract.probe_spec(SYNC, hang_query="*", hang_after=1, marker_dir=str(markers),
+                               config={"batch_size": 1, "n_trajectories_per_query": 3})
+    try:
+        with open_runtime(tmp_path / "flow.db", rollouts=backend) as rt:
+            job_id = rt.submit(spec)
+            wait_until(lambda: len(list(markers.iterdir())) >= 4, timeout=30,
+                       message="the first iteration, then a hanging rollout")
+            started = time.monotonic()
+            assert rt.cancel(job_id).status is fa.JobStatus.CANCELLED
+            assert time.monotonic() - started < 5
+    finally:
+        backend.close()
+    assert max(sizes[3:]) > 1  # the hanging iteration's rollouts shared a task
+    by_time = sorted(markers.iterdir(), key=lambda p: int(p.name.split("-")[2]))
+    hung = {int(p.name.split("-")[0]) for p in by_time[3:]}
+    wait_until(lambda: all(_gone(pid) for pid in hung), timeout=20,
+               message="the cancelled shared task's worker to stop")
+
+
+def test_a_refused_submission_is_a_failed_trajectory_for_each_rollout(cluster, rollouts,
+                                                                      monkeypatch):
+    """Ray refusing every submission (a bad option, say) gives each rollout a failed
+    trajectory that says so, however many rollouts there are: each refusal resolving its
+    rollout and launching the next does not nest on the stack."""
+    backend = fa.RayRollouts(cluster.address)  # on `rollouts`' connection
+
+    class Refusing:
+        def remote(self, *args):
+            raise ValueError("bad option")
+
+    monkeypatch.setattr(backend, "_remote", Refusing())
+    spec = contract.probe_spec(SYNC, config={"batch_size": 6, "n_trajectories_per_query": 100})
+    try:
+        groups = contract.run_batch(backend, spec)
+    finally:
+        backend.close()
+    errors = {t.error for group in groups for t in group}
+    assert errors == {"rollout could not be submitted to Ray: ValueError: bad option"}

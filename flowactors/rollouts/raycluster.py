@@ -2,42 +2,46 @@
 local one started for this process.
 
 What runs where: the runtime, its log and every job's `init`/`update`/`evaluate` stay in this
-process; each rollout is one Ray task anywhere in the cluster. Per iteration the trainer state
-goes to the object store once (`ray.put` of its msgspec encoding) and every rollout of that
-iteration reads it from there; the trajectory comes back msgspec-encoded. Nothing of ours is
+process; each rollout is one Ray task anywhere in the cluster, given one msgspec-encoded
+argument. Short rollouts share: once a job's rollouts are measured to take less than
+`SHARED_TASK_S` together, up to `max_rollouts_per_task` of one iteration run in one task, one
+after another, so Ray's cost per task (about a millisecond of CPU) is paid once for them.
+Per iteration a large trainer state goes to the object store once (`ray.put` of its msgspec
+encoding) and every rollout of that iteration reads it there; a small one (up to
+`max_inline_state` bytes) travels inside each task's argument instead, which costs less than
+an object store round trip. Trajectories come back msgspec-encoded. Nothing of ours is
 pickled: Ray pickles its own function reference, we hand it bytes.
 
-Failures: a rollout whose task raises, whose worker process or node dies, or which outlives
-`rollout_timeout_s` is a failed trajectory (with `max_retries=N`, Ray first re-runs a rollout
-whose worker died up to N times; the rerun draws the same generator, so a retried rollout is
-the same rollout). A cancelled job's rollouts are cancelled in the cluster (`ray.cancel`).
-If the cluster goes away, rollouts in flight wait (each still bounded by `rollout_timeout_s`)
-while the backend reconnects; `unavailable` says why; they are submitted again once the
-cluster is back.
+Failures: a rollout that raises, whose worker process or node dies (with the other rollouts
+of its task), or which outlives `rollout_timeout_s` is a failed trajectory. A job with a
+rollout timeout gets a task per rollout, so that a timeout stops its own rollout only. With
+`max_retries=N`, Ray first re-runs a task whose worker died up to N times; the rerun draws
+the same generators, so a retried rollout is the same rollout. A cancelled job's tasks are
+cancelled in the cluster (`ray.cancel`). If the cluster goes away, rollouts in flight wait
+(each still bounded by `rollout_timeout_s`) while the backend reconnects; `unavailable` says
+why; they are submitted again once the cluster is back.
 """
 
 from __future__ import annotations
 
 import collections
-import itertools
 import os
 import socket
 import threading
 import time
 from typing import Any
 
-import msgspec
-
-from .. import codec
 from ..logs import get_logger
 from ..spec import JobSpec, TrainingQuery
 from ..tasks import Task, Trajectory, failed_trajectory, snapshot
-from .base import Deadlines, OnComplete, Resolve, RolloutBatch, RolloutHandle
-from .ray_worker import rollout_on_worker, spec_bytes
+from .base import Deadlines, OnComplete, RolloutBatch, RolloutHandle
+from .ray_batch import Batch, ClusterUnreachable, RayTask, Rollout
+from .ray_worker import rollouts_on_worker
 
 log = get_logger(__name__)
 
-_trajectory_decoder = msgspec.msgpack.Decoder(Trajectory)
+SHARED_TASK_S = 0.002
+"""Rollouts of one iteration share a Ray task while together they take about this long."""
 # Ray ends a driver whose cluster (its GCS) is unreachable for this long (60 s by default);
 # the runtime must outlive its cluster, so when this backend connects, it waits far longer.
 _RECONNECT_ENV = "RAY_gcs_rpc_server_reconnect_timeout_s"
@@ -52,7 +56,7 @@ class RayRollouts:
         runtime_env: Ray's `runtime_env` for the rollouts, e.g. `{"pip": [...]}`,
             `{"working_dir": "."}` or `{"env_vars": {"PYTHONPATH": ...}}`: the workers must be
             able to import flowactors and the task's module (by the spec's task name).
-        num_cpus: CPUs each rollout reserves (Ray schedules by it).
+        num_cpus: CPUs each rollout task reserves (Ray schedules by it).
         remote_options: more options for every rollout task (`resources`, `scheduling_strategy`).
         max_in_flight: rollouts submitted at once across all jobs; the rest wait here.
         max_retries: times Ray re-runs a rollout whose worker or node died (0: it fails).
@@ -60,17 +64,24 @@ class RayRollouts:
             (True), or by raising KeyboardInterrupt in it (False).
         init_options: more keyword arguments for `ray.init` (e.g. `num_cpus` of a local one).
         health_check_s: how often to check that the cluster is reachable while rollouts run.
+        max_inline_state: a trainer state of at most this many bytes (encoded) travels
+            inside each rollout's task; a larger one is put in the object store once per
+            iteration.
+        max_rollouts_per_task: how many short rollouts of one iteration one Ray task may run
+            (1: a task per rollout, always).
     """
 
     def __init__(self, address: str | None = None, *, runtime_env: dict[str, Any] | None = None,
                  num_cpus: float = 1, remote_options: dict[str, Any] | None = None,
                  max_in_flight: int = 1024, max_retries: int = 0, force_cancel: bool = True,
                  init_options: dict[str, Any] | None = None,
-                 health_check_s: float = 1.0) -> None:
+                 health_check_s: float = 1.0, max_inline_state: int = 16 * 1024,
+                 max_rollouts_per_task: int = 8) -> None:
         import ray  # the optional extra: flowactors[ray]
 
-        if max_in_flight < 1 or max_retries < 0:
-            raise ValueError("max_in_flight must be >= 1 and max_retries >= 0")
+        if max_in_flight < 1 or max_retries < 0 or max_rollouts_per_task < 1:
+            raise ValueError("max_in_flight and max_rollouts_per_task must be >= 1, "
+                             "max_retries >= 0")
         self._ray = ray
         self.address = address
         self._runtime_env = runtime_env
@@ -78,19 +89,23 @@ class RayRollouts:
         self._force = force_cancel
         self._max_in_flight = max_in_flight
         self._health_check_s = health_check_s
+        self.max_inline_state = max_inline_state
+        self._max_per_task = max_rollouts_per_task
         options = {"num_cpus": num_cpus, "max_retries": max_retries, "retry_exceptions": False,
                    **(remote_options or {})}
-        self._remote = ray.remote(rollout_on_worker).options(**options)
+        self._remote = ray.remote(rollouts_on_worker).options(**options)
         self.deadlines = Deadlines()
         self._lock = threading.Lock()
         self._in_flight = 0
-        self._waiting: collections.deque[_Rollout] = collections.deque()
-        self._running: set[_Rollout] = set()
-        self._specs: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self._waiting: collections.deque[Rollout] = collections.deque()
+        self._running: set[RayTask] = set()
+        self._seconds: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._pumping = threading.local()
         self._generation = 0  # one per connection; results of an older one are ignored
         self._unavailable: str | None = None
         self._closed = False
         self._owns = not ray.is_initialized()
+        self._gcs: tuple[str, int] | None = None  # the cluster's address, watched if owned
         if self._owns:
             self._connect()
         self._wake = threading.Event()  # set on close
@@ -110,9 +125,11 @@ class RayRollouts:
 
     def start(self, *, task: Task, state: Any, spec: JobSpec, iteration: int,
               queries: list[TrainingQuery], on_complete: OnComplete) -> RolloutHandle:
-        batch = _Batch(self, spec, snapshot(task, state), iteration, queries)
-        return RolloutBatch(launcher=batch, deadlines=self.deadlines, spec=spec,
-                            n_queries=len(queries), on_complete=on_complete).start()
+        batch = Batch(self, spec, snapshot(task, state), iteration, queries)
+        handle = RolloutBatch(launcher=batch, deadlines=self.deadlines, spec=spec,
+                              n_queries=len(queries), on_complete=on_complete).start()
+        self._pump()  # the rollouts it launched, in shared tasks if they are short
+        return handle
 
     def runs_inline(self, task: Task, spec: JobSpec) -> bool:
         return False
@@ -128,8 +145,8 @@ class RayRollouts:
             self._waiting.clear()
         self._wake.set()
         self._wake_check.set()
-        for rollout in running:
-            rollout.cancel_in_cluster()
+        for ray_task in running:
+            self._cancel_in_cluster(ray_task)
         self.deadlines.close()
         if self._watchdog is not None:
             self._watchdog.join(timeout=5)
@@ -144,104 +161,158 @@ class RayRollouts:
 
     # --- submitting, bounded ---
 
-    def _put_spec(self, spec: JobSpec) -> tuple[str, Any]:
-        data = spec_bytes(spec)
-        key = codec.digest(data)
-        with self._lock:
-            entry = self._specs.get(key)
-            if entry is not None and entry[0] == self._generation:
-                self._specs.move_to_end(key)
-                return key, entry[1]
-        ref = self._ray.put(data)
-        with self._lock:
-            self._specs[key] = (self._generation, ref)
-            while len(self._specs) > 256:
-                self._specs.popitem(last=False)
-        return key, ref
-
-    def _enqueue(self, rollout: _Rollout) -> None:
+    def _enqueue(self, rollout: Rollout) -> None:
         with self._lock:
             if self._closed:
                 return
-            if self._in_flight >= self._max_in_flight or self._unavailable is not None:
-                self._waiting.append(rollout)
-                return
-            self._in_flight += 1
-            self._running.add(rollout)
-            generation = self._generation
-        self._submit(rollout, generation)
+            self._waiting.append(rollout)
+        if rollout.batch.per_task == 1:
+            self._pump()
+        # else it waits for the rest of its batch's launches: `start` and a finished task pump
 
-    def _submit(self, rollout: _Rollout, generation: int) -> None:
-        try:
-            ref = rollout.submit(self._remote, generation)
-        except Exception as exc:  # Ray refused it (not connected, a bad option)
-            self._finished(rollout, failed_trajectory(
-                f"rollout could not be submitted to Ray: {type(exc).__name__}: {exc}"))
+    def _pump(self) -> None:
+        """Submit waiting rollouts while there is room in flight. Called again from within
+        (a refused submission resolves its rollouts, which launch the next), it returns at
+        once: the loop it is in takes those too, and the stack stays flat."""
+        if getattr(self._pumping, "active", False):
             return
-        ref.future().add_done_callback(lambda future: self._done(rollout, generation, future))
+        self._pumping.active = True
+        try:
+            while True:
+                with self._lock:
+                    nxt = self._next_task()
+                if nxt is None:
+                    return
+                self._submit(*nxt)
+        finally:
+            self._pumping.active = False
 
-    def _done(self, rollout: _Rollout, generation: int, future: Any) -> None:
+    def _next_task(self) -> tuple[RayTask, int] | None:
+        """The next Ray task to submit: the first waiting rollout and those of its batch
+        waiting after it, up to the batch's `per_task` (called with the lock held)."""
+        while (self._waiting and self._unavailable is None and not self._closed
+               and self._in_flight < self._max_in_flight):
+            first = self._waiting.popleft()
+            if first.stopped:
+                continue
+            rollouts = [first]
+            room = min(first.batch.per_task, self._max_in_flight - self._in_flight)
+            while len(rollouts) < room and self._waiting and self._waiting[0].batch is first.batch:
+                rollout = self._waiting.popleft()
+                if not rollout.stopped:
+                    rollouts.append(rollout)
+            ray_task = RayTask(first.batch, rollouts)
+            self._in_flight += len(rollouts)
+            self._running.add(ray_task)
+            return ray_task, self._generation
+        return None
+
+    def _submit(self, ray_task: RayTask, generation: int) -> None:
+        try:
+            ref = ray_task.submit(self._remote)
+        except ClusterUnreachable as exc:  # its state could not be put: wait for the cluster
+            self._lost(str(exc))
+            return
+        except Exception as exc:  # Ray refused it (not connected, a bad option)
+            self._finished(ray_task, [failed_trajectory(
+                f"rollout could not be submitted to Ray: {type(exc).__name__}: {exc}")])
+            return
+        # `_on_completed` is what `ref.future()` is built on, without a Future (its condition
+        # and lock) per task: the result, or the exception getting it raised.
+        ref._on_completed(lambda result: self._done(ray_task, generation, result))
+
+    def _done(self, ray_task: RayTask, generation: int, result: Any) -> None:
         with self._lock:
-            if generation != self._generation or rollout not in self._running:
+            if generation != self._generation or ray_task not in self._running:
                 return  # from before a reconnection (it is submitted again), or cancelled
         try:
-            trajectory = _trajectory_decoder.decode(future.result())
-        except Exception as exc:  # the worker or its node died, the object was lost, ...
-            failed = failed_trajectory(f"{type(exc).__name__}: {_first_line(exc)}")
+            if isinstance(result, Exception):  # the worker or its node died, the object was
+                raise result                   # lost, the task was cancelled, ...
+            trajectories = ray_task.trajectories(result)
+        except Exception as exc:
+            failed = [failed_trajectory(f"{type(exc).__name__}: {_first_line(exc)}")]
             if self._watchdog is None:
-                self._finished(rollout, failed)
-            else:  # a dying head kills workers first: is it this rollout, or the cluster?
+                self._finished(ray_task, failed)
+            else:  # a dying head kills workers first: is it this task, or the cluster?
                 self.deadlines.call_at(time.monotonic() + self._health_check_s,
-                                       lambda: self._judge(rollout, generation, failed))
+                                       lambda: self._judge(ray_task, generation, failed))
             return
-        self._finished(rollout, trajectory)
+        self._finished(ray_task, trajectories)
 
-    def _judge(self, rollout: _Rollout, generation: int, failed: Trajectory) -> None:
-        """A rollout's worker died a moment ago: a failed trajectory, unless the whole
-        cluster is gone (then it is submitted again once the cluster is back)."""
+    def _judge(self, ray_task: RayTask, generation: int, failed: list[Trajectory]) -> None:
+        """A task's worker died a moment ago: failed trajectories, unless the whole cluster
+        is gone (then its rollouts are submitted again once the cluster is back)."""
         with self._lock:
             if generation != self._generation or self._unavailable is not None:
                 return
         if self._gcs is not None and not _reachable(self._gcs):
             self._wake_check.set()  # the watchdog takes it from here
             return
-        self._finished(rollout, failed)
+        self._finished(ray_task, failed)
 
-    def _finished(self, rollout: _Rollout, trajectory: Trajectory) -> None:
+    def _finished(self, ray_task: RayTask, trajectories: list[Trajectory]) -> None:
+        """Resolve the task's rollouts (one failed trajectory given: it is each one's)."""
         with self._lock:
-            if rollout not in self._running:
+            if ray_task not in self._running:
                 return
-            self._running.discard(rollout)
-            self._in_flight -= 1
-            nxt = self._next_waiting()
-        rollout.resolve(trajectory)
-        if nxt is not None:
-            self._submit(*nxt)
+            self._running.discard(ray_task)
+            self._in_flight -= len(ray_task.rollouts)
+        if len(trajectories) == 1:
+            trajectories = trajectories * len(ray_task.rollouts)
+        for rollout, trajectory in zip(ray_task.rollouts, trajectories):
+            rollout.resolve(trajectory)
+        self._pump()
 
-    def _next_waiting(self) -> tuple[_Rollout, int] | None:
-        """The next waiting rollout to submit (called with the lock held)."""
-        while self._waiting and self._unavailable is None and not self._closed:
-            rollout = self._waiting.popleft()
-            if rollout.stopped:
-                continue
-            self._in_flight += 1
-            self._running.add(rollout)
-            return rollout, self._generation
-        return None
-
-    def _stop(self, rollout: _Rollout) -> None:
-        """A cancelled or timed-out rollout: free its slot, cancel it in the cluster."""
+    def _stop(self, rollout: Rollout) -> None:
+        """A cancelled or timed-out rollout: once its task has no other rollout to run, free
+        their slots and cancel the task in the cluster."""
         rollout.stopped = True
+        ray_task = rollout.task
         with self._lock:
-            was_running = rollout in self._running
-            if was_running:
-                self._running.discard(rollout)
-                self._in_flight -= 1
-            nxt = self._next_waiting() if was_running else None
-        if was_running:
-            rollout.cancel_in_cluster()
-        if nxt is not None:
-            self._submit(*nxt)
+            stopping = (ray_task is not None and ray_task in self._running
+                        and all(r.stopped for r in ray_task.rollouts))
+            if stopping:
+                self._running.discard(ray_task)
+                self._in_flight -= len(ray_task.rollouts)
+        if stopping:
+            self._cancel_in_cluster(ray_task)
+            self._pump()
+
+    def _cancel_in_cluster(self, ray_task: RayTask) -> None:
+        if ray_task.ref is not None:
+            try:
+                self._ray.cancel(ray_task.ref, force=self._force)
+            except Exception as exc:  # best effort: nothing waits for it any more
+                log.debug("ray_cancel_failed", error=_first_line(exc))
+
+    # --- how long rollouts take, how many share a task ---
+
+    def _per_task(self, spec_key: str, spec: JobSpec) -> int:
+        """How many rollouts of a batch may share a Ray task: one until the job's rollouts
+        were measured, and always with a rollout timeout."""
+        if self._max_per_task == 1 or spec.config.rollout_timeout_s is not None:
+            return 1
+        with self._lock:
+            seconds = self._seconds.get(spec_key)
+        if seconds is None:
+            return 1
+        return max(1, min(self._max_per_task, int(SHARED_TASK_S / max(seconds, 1e-6))))
+
+    def _measured(self, spec_key: str, seconds: list[float]) -> None:
+        mean = sum(seconds) / len(seconds)
+        with self._lock:
+            last = self._seconds.pop(spec_key, mean)
+            self._seconds[spec_key] = (last + mean) / 2
+            while len(self._seconds) > 1024:
+                self._seconds.popitem(last=False)
+
+    def _put(self, data: bytes) -> Any:
+        """`ray.put`, tried only while the cluster answers: Ray ends the process whose put
+        finds its node's object store gone (the head died with it), before any exception."""
+        if self._watchdog is not None and self._gcs is not None and not _reachable(self._gcs):
+            host, port = self._gcs
+            raise ClusterUnreachable(f"the Ray cluster at {host}:{port} is unreachable")
+        return self._ray.put(data)
 
     # --- the cluster going away and coming back ---
 
@@ -253,8 +324,7 @@ class RayRollouts:
         self._ray.init(address=self.address, runtime_env=self._runtime_env,
                        **{**options, **self._init_options})
         try:
-            self._gcs: tuple[str, int] | None = _host_port(
-                self._ray.get_runtime_context().gcs_address)
+            self._gcs = _host_port(self._ray.get_runtime_context().gcs_address)
         except Exception:  # a Ray Client connection (ray://) has no GCS address to watch
             self._gcs = None
 
@@ -274,13 +344,14 @@ class RayRollouts:
 
     def _lost(self, reason: str) -> None:
         with self._lock:
+            if self._unavailable is not None:
+                return  # the watchdog and a put both found it gone
             self._unavailable = reason
             self._generation += 1
-            self._waiting.extendleft(sorted(self._running, key=lambda r: r.order,
-                                            reverse=True))
+            rollouts = [r for ray_task in self._running for r in ray_task.rollouts]
+            self._waiting.extendleft(sorted(rollouts, key=lambda r: r.order, reverse=True))
             self._running.clear()
             self._in_flight = 0
-            self._specs.clear()
         log.error("ray_cluster_unavailable", reason=reason)
         try:
             self._ray.shutdown()
@@ -300,76 +371,7 @@ class RayRollouts:
         with self._lock:
             self._unavailable = None  # batches put their state again: a new generation
         log.info("ray_cluster_reconnected", address=self.address)
-        while True:
-            with self._lock:
-                nxt = self._next_waiting() if self._in_flight < self._max_in_flight else None
-            if nxt is None:
-                return
-            self._submit(*nxt)
-
-
-class _Batch:
-    """One iteration of one job on Ray: its state in the object store, put once."""
-
-    def __init__(self, backend: RayRollouts, spec: JobSpec, state: Any, iteration: int,
-                 queries: list[TrainingQuery]) -> None:
-        self.backend = backend
-        self.spec = spec
-        self.state = state
-        self.iteration = iteration
-        self.queries = [codec.encode(q) for q in queries]
-        self._cached: tuple[int, tuple[str, Any, str, Any]] | None = None
-        self._lock = threading.Lock()
-        self._state_bytes = codec.encode(state)
-        self._refs()  # now, on the job's thread: the put happens once per iteration
-
-    def _refs(self) -> tuple[str, Any, str, Any]:
-        """The spec's and the state's object refs, put again after a reconnection."""
-        backend = self.backend
-        with self._lock:
-            refs = self._cached
-            if refs is not None and refs[0] == backend._generation:
-                return refs[1]
-            generation = backend._generation
-            spec_key, spec_ref = backend._put_spec(self.spec)
-            state_ref = backend._ray.put(self._state_bytes)
-            self._cached = (generation, (spec_key, spec_ref, state_ref.hex(), state_ref))
-            return self._cached[1]
-
-    def launch(self, unit: int, query_index: int, index: int, signal: threading.Event,
-               resolve: Resolve) -> Any:
-        rollout = _Rollout(self, unit, query_index, index, resolve)
-        self.backend._enqueue(rollout)
-        return lambda: self.backend._stop(rollout)
-
-
-class _Rollout:
-    """One rollout, submitted again after a reconnection."""
-
-    _orders = itertools.count()
-
-    def __init__(self, batch: _Batch, unit: int, query_index: int, index: int,
-                 resolve: Resolve) -> None:
-        self.batch, self.unit = batch, unit
-        self.query_index, self.index = query_index, index
-        self.resolve = resolve
-        self.ref: Any = None
-        self.stopped = False
-        self.order = next(_Rollout._orders)  # submission order, kept across a reconnection
-
-    def submit(self, remote: Any, generation: int) -> Any:
-        spec_key, spec_ref, state_key, state_ref = self.batch._refs()
-        self.ref = remote.remote(spec_key, spec_ref, state_key, state_ref,
-                                 self.batch.queries[self.query_index], self.batch.iteration,
-                                 self.query_index, self.index)
-        return self.ref
-
-    def cancel_in_cluster(self) -> None:
-        if self.ref is not None:
-            try:
-                self.batch.backend._ray.cancel(self.ref, force=self.batch.backend._force)
-            except Exception as exc:  # best effort: nothing waits for it any more
-                log.debug("ray_cancel_failed", error=_first_line(exc))
+        self._pump()
 
 
 def _host_port(address: str) -> tuple[str, int]:

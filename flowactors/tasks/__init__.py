@@ -6,8 +6,9 @@ A task name is a built-in name, an entry point of the group `flowactors.tasks`, 
 
 from __future__ import annotations
 
+import functools
 import importlib
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 import msgspec
@@ -35,6 +36,7 @@ ENTRY_POINT_GROUP = "flowactors.tasks"
 
 __all__ = ["BUILTIN_TASKS", "NoOptions", "Task", "TrainerState", "Trajectory",
            "failed_trajectory", "group_advantages", "load_task_class", "build_task",
+           "build_named_task",
            "restore", "reward_scale", "snapshot", "state_decoder"]
 
 
@@ -63,11 +65,22 @@ def _require_task_class(obj: Any, name: str) -> type:
     return obj
 
 
+@functools.cache
+def _task_entry_points() -> dict[str, list[EntryPoint]]:
+    """The entry points of `ENTRY_POINT_GROUP` by name, read once per process: reading them
+    scans every installed distribution's metadata (milliseconds), and a task is built at each
+    submission, each job start and on each Ray worker."""
+    found: dict[str, list[EntryPoint]] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(ep.name, []).append(ep)
+    return found
+
+
 def load_task_class(name: str) -> type:
     """Find a task class by built-in name, entry point name, or 'module:attr'."""
     if name in BUILTIN_TASKS:
         return _import(BUILTIN_TASKS[name], name)
-    for ep in entry_points(group=ENTRY_POINT_GROUP, name=name):
+    for ep in _task_entry_points().get(name, ()):
         try:
             return _require_task_class(ep.load(), name)
         except SpecError:
@@ -93,17 +106,22 @@ def reward_scale(name: str) -> str | None:
 
 def build_task(spec: JobSpec) -> Task:
     """Instantiate the spec's task with its options validated (SpecError naming the field)."""
-    cls = load_task_class(spec.task)
+    return build_named_task(spec.task, spec.task_options)
+
+
+def build_named_task(name: str, task_options: dict[str, Any]) -> Task:
+    """`build_task` from a spec's two task fields alone (a Ray worker gets no more)."""
+    cls = load_task_class(name)
     options_type = getattr(cls, "Options", NoOptions)
     try:
-        options = msgspec.convert(spec.task_options, options_type)
+        options = msgspec.convert(task_options, options_type)
     except msgspec.ValidationError as exc:
-        raise SpecError(f"invalid task_options for task {spec.task!r}: "
+        raise SpecError(f"invalid task_options for task {name!r}: "
                         f"{str(exc).replace('at `$', 'at `$.task_options')}") from None
     try:
         task = cls(options)
     except Exception as exc:
-        raise SpecError(f"task {spec.task!r} cannot be built from its options: "
+        raise SpecError(f"task {name!r} cannot be built from its options: "
                         f"{type(exc).__name__}: {one_line(str(exc))} - at `$.task_options`"
                         ) from None
     state_decoder(task)  # built now, on one thread, before any actor decodes with it
