@@ -142,7 +142,7 @@ class CheckpointSaves:
         self.state_store = state_store
         self._pool = ThreadPoolExecutor(max_workers=workers, initializer=_yield_the_cores,
                                         thread_name_prefix="flowactors-checkpoint")
-        state_store.remove_later = self._pool.submit  # pruned files, off the jobs' threads
+        state_store.remove_later = self._remove_later  # pruned files, off the jobs' threads
 
     def start(self, iteration: int, metrics: dict[str, float], taken: Snapshot
               ) -> SaveInFlight:
@@ -158,9 +158,14 @@ class CheckpointSaves:
 
         return SaveInFlight(iteration, metrics, self._pool.submit(write))
 
+    def _remove_later(self, work: Any) -> None:
+        try:
+            self._pool.submit(work)
+        except RuntimeError:  # the pool is shut down: remove now
+            run_now(work)
+
     def close(self) -> None:
         """Wait for the writes and removals under way; the next open sweeps what is left."""
-        self.state_store.remove_later = run_now
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
