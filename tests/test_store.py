@@ -33,7 +33,6 @@ from flowactors.errors import (
     StoreUnavailable,
 )
 from flowactors.events import (
-    CheckpointsPruned,
     IterationCompleted,
     JobStarted,
     JobSubmitted,

@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flowactors as fa  # noqa: E402
 from flowactors.events import CheckpointSaved, JobCompleted  # noqa: E402
 from flowactors.store import EventStore  # noqa: E402
-from flowactors.tasks import NoOptions  # noqa: E402
 
 GIB = 1 << 30
 
