@@ -231,21 +231,16 @@ class FileCheckpoints:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             unflushed = 0
-            for part in parts:
-                with memoryview(part).cast("B") as view:
-                    done = 0
-                    while done < len(view):
-                        piece = view[done:done + _WRITE_BYTES]
-                        if hasher is not None:
-                            hasher.update(piece)
-                        written = 0
-                        while written < len(piece):
-                            written += os.write(fd, piece[written:])
-                        done += written
-                        unflushed += written
-                        if unflushed >= _FLUSH_BYTES:
-                            os.fdatasync(fd)
-                            unflushed = 0
+            for piece in _slices(parts):
+                if hasher is not None:
+                    hasher.update(piece)
+                written = 0
+                while written < len(piece):
+                    written += os.write(fd, piece[written:])
+                unflushed += written
+                if unflushed >= _FLUSH_BYTES:
+                    os.fdatasync(fd)
+                    unflushed = 0
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -262,11 +257,18 @@ class FileCheckpoints:
             os.close(fd)
 
 
-
 def default_location(log_path: str | os.PathLike[str]) -> str:
     """The checkpoint directory of a log: beside it, named after it."""
     path = Path(log_path)
     return str(path.with_name(path.name + ".checkpoints"))
+
+
+def _slices(parts: list[bytes | memoryview]) -> Iterator[memoryview]:
+    """The bytes of `parts`, in order, as views of at most `_WRITE_BYTES` (no copy)."""
+    for part in parts:
+        with memoryview(part).cast("B") as view:
+            for start in range(0, len(view), _WRITE_BYTES):
+                yield view[start:start + _WRITE_BYTES]
 
 
 def _read_hashing(path: str) -> tuple[bytes, str]:
