@@ -35,6 +35,16 @@ def open_runtime(path, **kwargs) -> Runtime:
     return Runtime(path, **kwargs)
 
 
+def run_twin_jobs(rt: Runtime, spec: Callable[..., JobSpec]) -> tuple[str, str]:
+    """Job B, then job A, training identical states: B keeps its checkpoints, A keeps one and
+    prunes the rest (some of them states B still needs). Returns (A, B) once both are done."""
+    b = rt.submit(spec(n_iterations=2, keep_checkpoints=5))
+    rt.wait(b, timeout=60)
+    a = rt.submit(spec(n_iterations=6, keep_checkpoints=1))
+    rt.wait(a, timeout=60)
+    return a, b
+
+
 def wait_until(condition: Callable[[], object], timeout: float = 10.0,
                message: str = "condition") -> object:
     """Poll `condition` until it is truthy; fail the test after `timeout` seconds."""

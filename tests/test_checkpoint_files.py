@@ -18,7 +18,7 @@ import fsspec
 import pytest
 from click.testing import CliRunner
 from structlog.testing import capture_logs
-from helpers import TOOLS, QUERIES, open_runtime, wait_until
+from helpers import TOOLS, QUERIES, open_runtime, run_twin_jobs, wait_until
 
 import flowactors as fa
 from flowactors import checkpointing
@@ -105,10 +105,7 @@ def test_pruning_deletes_the_files_no_job_needs_and_keeps_a_file_another_job_nam
     what is left on disk is exactly what the jobs' folded states name."""
     db = tmp_path / "flow.db"
     with open_runtime(db) as rt:
-        b = rt.submit(bulky_spec(n_iterations=2, keep_checkpoints=5))
-        rt.wait(b, timeout=60)
-        a = rt.submit(bulky_spec(n_iterations=6, keep_checkpoints=1))
-        rt.wait(a, timeout=60)
+        a, b = run_twin_jobs(rt, bulky_spec)
         states = {j: rt._states[j] for j in (a, b)}
         pruned = {c.info.state_ref for c in states[a].checkpoints if c.info.pruned}
         assert pruned, "job A must have pruned checkpoints"

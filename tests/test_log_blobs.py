@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from helpers import TOOLS, QUERIES, open_runtime, wait_until
+from helpers import TOOLS, QUERIES, open_runtime, run_twin_jobs, wait_until
 
 import flowactors as fa
 from flowactors import lineage, trajectories
@@ -65,10 +65,7 @@ def test_pruned_states_leave_the_log_and_equal_states_of_another_job_stay(tmp_pa
     left is exactly what the folded states name."""
     db = tmp_path / "flow.db"
     with open_runtime(db) as rt:
-        b = rt.submit(small_spec(n_iterations=2, keep_checkpoints=5))
-        rt.wait(b, timeout=60)
-        a = rt.submit(small_spec(n_iterations=6, keep_checkpoints=1))
-        rt.wait(a, timeout=60)
+        a, b = run_twin_jobs(rt, small_spec)
     states = states_of(db)
     pruned = pruned_states([states[a]])
     needed_by_b = live_states([states[b]])
