@@ -59,12 +59,17 @@ def cluster():
 @pytest.fixture(scope="module")
 def rollouts(cluster):
     """The backend every test shares (it connects this process to the cluster once)."""
-    backend = fa.RayRollouts(address=cluster.address,
-                             runtime_env={"env_vars": {"PYTHONPATH": str(TESTS)}})
+    backend = _backend(cluster)
     try:
         yield backend
     finally:
         backend.close()
+
+
+def _backend(cluster, **options) -> fa.RayRollouts:
+    """A backend on the module's cluster whose workers import the test tasks."""
+    return fa.RayRollouts(cluster.address, runtime_env={"env_vars": {"PYTHONPATH": str(TESTS)}},
+                          **options)
 
 
 def _final_digest(rt, job_id: str) -> str:
@@ -96,18 +101,19 @@ def test_a_rollout_that_raises_on_a_worker_is_a_failed_trajectory(rollouts):
 
 
 def test_a_large_state_goes_to_the_object_store_once_per_iteration_a_small_one_inline(
-        rollouts, tmp_path, monkeypatch):
-    """A state over `max_inline_state` bytes: one `ray.put` per iteration, not one per
-    rollout; a small state travels inside each task, with no put at all. Either way the job
-    trains to the same final digest as on threads."""
+        cluster, rollouts, tmp_path, monkeypatch):
+    """A state over `max_inline_state` bytes: one `ray.put` (by the driver) per iteration, not
+    one per rollout; a small state travels inside each task, with no put at all. Either way
+    the job trains to the same final digest as on threads."""
     puts = []
-    real_put = ray.put
-    monkeypatch.setattr(ray, "put", lambda value, **kw: puts.append(value) or real_put(value, **kw))
     spec = contract.probe_spec(SYNC, seed=11, seconds=0.2)
-    stored = fa.RayRollouts(rollouts.address, max_inline_state=0)  # the same connection
+    stored = _backend(cluster, max_inline_state=0)
     digests = {}
     try:
         for name, backend in [("stored", stored), ("inline", rollouts)]:
+            link = backend._link
+            monkeypatch.setattr(link, "put", lambda key, data, put=link.put:
+                                puts.append(data) or put(key, data))
             puts.clear()
             with open_runtime(tmp_path / f"{name}.db", rollouts=backend) as rt:
                 job_id = rt.submit(spec)
@@ -215,8 +221,8 @@ def test_a_node_that_dies_mid_iteration_gives_failed_trajectories_not_a_stuck_jo
     rollouts are failed trajectories, the iteration completes, the job trains on."""
     markers = tmp_path / "markers"
     markers.mkdir()
-    # A second backend on the same connection, spreading its rollouts over the nodes.
-    spread = fa.RayRollouts(cluster.address, remote_options={"scheduling_strategy": "SPREAD"})
+    # A second backend, spreading its rollouts over the nodes.
+    spread = _backend(cluster, remote_options={"scheduling_strategy": "SPREAD"})
     spec = contract.probe_spec(SYNC, seconds=3.0, marker_dir=str(markers), config={
         "batch_size": 1, "n_trajectories_per_query": 3, "n_iterations": 2})
     try:
@@ -241,14 +247,13 @@ def _task_sizes(backend, monkeypatch) -> list[int]:
     """How many rollouts each Ray task the backend submits runs, in submission order."""
     decoder = msgspec.msgpack.Decoder(RolloutCall)
     sizes: list[int] = []
-    remote = backend._remote
+    submit = backend._link.submit
 
-    class Counting:
-        def remote(self, call, *rest):
-            sizes.append(len(decoder.decode(call).rollouts))
-            return remote.remote(call, *rest)
+    def counting(task: int, call: bytes, state_key: int | None) -> None:
+        sizes.append(len(decoder.decode(call).rollouts))
+        submit(task, call, state_key)
 
-    monkeypatch.setattr(backend, "_remote", Counting())
+    monkeypatch.setattr(backend._link, "submit", counting)
     return sizes
 
 
@@ -265,7 +270,7 @@ def test_short_rollouts_share_ray_tasks_and_come_back_in_the_fixed_order(
     """Once a job's rollouts are measured short, several of an iteration run in one Ray task:
     fewer tasks than rollouts, every iteration's trajectories in the fixed order, the same
     final digest as on threads. With a rollout timeout, each rollout keeps a task of its own."""
-    backend = fa.RayRollouts(cluster.address, max_rollouts_per_task=4)  # on `rollouts`' connection
+    backend = _backend(cluster, max_rollouts_per_task=4)
     sizes = _task_sizes(backend, monkeypatch)
     spec = contract.probe_spec(SYNC, seed=13, config={"n_iterations": 4})
     try:
@@ -288,7 +293,7 @@ def test_a_rollout_that_raises_in_a_shared_task_fails_alone(cluster, rollouts, t
                                                             monkeypatch):
     """A failing rollout among others in one Ray task is a failed trajectory in its place;
     the task's other rollouts are not touched."""
-    backend = fa.RayRollouts(cluster.address, max_rollouts_per_task=4)  # on `rollouts`' connection
+    backend = _backend(cluster, max_rollouts_per_task=4)
     sizes = _task_sizes(backend, monkeypatch)
     spec = contract.probe_spec(SYNC, seed=14, fail_query="q1",
                                config={"n_iterations": 3, "batch_size": 6})  # every query
@@ -311,7 +316,7 @@ def test_a_rollout_that_raises_in_a_shared_task_fails_alone(cluster, rollouts, t
 def test_cancel_reaches_a_shared_ray_task(cluster, rollouts, tmp_path, monkeypatch):
     """A cancelled job's shared Ray task is cancelled in the cluster: its worker process
     ends, and cancel returns at once."""
-    backend = fa.RayRollouts(cluster.address, max_rollouts_per_task=4)  # on `rollouts`' connection
+    backend = _backend(cluster, max_rollouts_per_task=4)
     sizes = _task_sizes(backend, monkeypatch)
     markers = tmp_path / "markers"
     markers.mkdir()
@@ -336,16 +341,15 @@ def test_cancel_reaches_a_shared_ray_task(cluster, rollouts, tmp_path, monkeypat
 
 def test_a_refused_submission_is_a_failed_trajectory_for_each_rollout(cluster, rollouts,
                                                                       monkeypatch):
-    """Ray refusing every submission (a bad option, say) gives each rollout a failed
-    trajectory that says so, however many rollouts there are: each refusal resolving its
-    rollout and launching the next does not nest on the stack."""
-    backend = fa.RayRollouts(cluster.address)  # on `rollouts`' connection
+    """A submission that cannot be made gives each rollout a failed trajectory that says so,
+    however many rollouts there are: each refusal resolving its rollout and launching the next
+    does not nest on the stack."""
+    backend = fa.RayRollouts(cluster.address)
 
-    class Refusing:
-        def remote(self, *args):
-            raise ValueError("bad option")
+    def refusing(*args):
+        raise ValueError("bad option")
 
-    monkeypatch.setattr(backend, "_remote", Refusing())
+    monkeypatch.setattr(backend._link, "submit", refusing)
     spec = contract.probe_spec(SYNC, config={"batch_size": 6, "n_trajectories_per_query": 100})
     try:
         groups = contract.run_batch(backend, spec)
@@ -353,3 +357,40 @@ def test_a_refused_submission_is_a_failed_trajectory_for_each_rollout(cluster, r
         backend.close()
     errors = {t.error for group in groups for t in group}
     assert errors == {"rollout could not be submitted to Ray: ValueError: bad option"}
+
+
+def test_options_ray_refuses_fail_the_backend_when_it_is_made(cluster):
+    """An option Ray refuses, or one that is not plain data, is a ValueError at once, not a
+    failed trajectory per rollout."""
+    with pytest.raises(ValueError, match="num_cpus"):
+        fa.RayRollouts(cluster.address, num_cpus=-1)
+    with pytest.raises(ValueError, match="plain data"):
+        fa.RayRollouts(cluster.address, remote_options={"scheduling_strategy": object()})
+
+
+def test_a_killed_driver_is_replaced_and_the_job_trains_on(cluster, tmp_path):
+    """SIGKILL of the backend's Ray driver (as Ray does when its object store goes away) while
+    rollouts run with their state in the object store: the runtime is untouched, a new driver
+    takes the rollouts in flight, and the job ends with the digest of a run on threads."""
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    spec = contract.probe_spec(SYNC, seed=15, seconds=0.3, marker_dir=str(markers),
+                               config={"n_iterations": 4})
+    backend = _backend(cluster, max_inline_state=0)
+    try:
+        first = backend._link.pid
+        with open_runtime(tmp_path / "ray.db", rollouts=backend) as rt:
+            job_id = rt.submit(spec)
+            per_iteration = spec.config.batch_size * spec.config.n_trajectories_per_query
+            wait_until(lambda: len(list(markers.iterdir())) > per_iteration, timeout=60,
+                       message="the second iteration's rollouts running")
+            os.kill(first, signal.SIGKILL)
+            assert rt.wait(job_id, timeout=120).status is fa.JobStatus.COMPLETED
+            on_ray = _final_digest(rt, job_id)
+            trainer = rt.load_checkpoint(job_id, 4)
+            assert not any(type(r.event).__name__ == "JobRecovered" for r in rt.history(job_id))
+        assert backend._link is not None and backend._link.pid != first
+    finally:
+        backend.close()
+    assert not any(trainer.errors), trainer.errors  # no rollout was lost with the driver
+    assert _run(tmp_path, "threads", spec, None, 4)[0] == on_ray

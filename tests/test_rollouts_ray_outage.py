@@ -1,7 +1,8 @@
 """A runtime outlives its Ray cluster: the cluster's head is killed (SIGKILL of all its
 processes) while a job's rollouts run on it; the runtime process waits, says why, reconnects
 when a head is back at the same address, and the job finishes with the digest of an
-uninterrupted run, with no recovery (the runtime never stopped)."""
+uninterrupted run, with no recovery (the runtime never stopped). With states inline and with
+every state in the object store: there, Ray may end its driver process when the head dies."""
 
 from __future__ import annotations
 
@@ -61,7 +62,9 @@ def _reachable(port: int) -> bool:
 
 
 @pytest.mark.timeout(240)
-def test_the_runtime_waits_for_its_cluster_and_resumes_when_it_is_back(tmp_path):
+@pytest.mark.parametrize("max_inline_state", ["16384", "0"], ids=["inline", "stored"])
+def test_the_runtime_waits_for_its_cluster_and_resumes_when_it_is_back(tmp_path,
+                                                                       max_inline_state):
     """Killed head mid-run: the job waits (`ray_cluster_unavailable`), the runtime survives,
     reconnects (`ray_cluster_reconnected`) and completes the job bit-identically."""
     JOB_ID, job_spec, reference = ray_child_reference(tmp_path)
@@ -76,7 +79,8 @@ def test_the_runtime_waits_for_its_cluster_and_resumes_when_it_is_back(tmp_path)
         wait_until(lambda: _reachable(port), timeout=60, message="the head to listen")
         output = tmp_path / "child.out"
         with open(output, "wb") as out:
-            child = subprocess.Popen([sys.executable, str(CHILD), str(db), f"127.0.0.1:{port}"],
+            child = subprocess.Popen([sys.executable, str(CHILD), str(db), f"127.0.0.1:{port}",
+                                      max_inline_state],
                                      env=env, stdin=subprocess.DEVNULL, stdout=out,
                                      stderr=subprocess.STDOUT)
 

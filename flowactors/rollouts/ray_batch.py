@@ -2,7 +2,8 @@
 run them (`RayTask`: one rollout, or several short ones of the same batch one after another).
 
 A batch encodes the job's `RolloutSpec` and its trainer state once; a state too large to travel
-inside each task is put in the object store once (and again after a reconnection). The backend
+inside each task is put in the object store once (and again in a new driver, after the cluster
+or the driver went away). The backend
 (`raycluster.RayRollouts`) decides which rollouts go to which task and when.
 """
 
@@ -27,17 +28,17 @@ _batch_numbers = itertools.count()
 
 
 class ClusterUnreachable(Exception):
-    """The cluster did not answer before a `ray.put` (the backend waits for it; this never
-    leaves the package)."""
+    """There is no driver to put a state in now (the backend waits for one; this never leaves
+    the package)."""
 
 
 class Backend(Protocol):
     """What a batch needs of its backend (`RayRollouts`, whose own methods these are)."""
 
-    _generation: int
+    _link: Any
     max_inline_state: int
 
-    def _put(self, data: bytes) -> Any: ...
+    def _put(self, batch: Batch, data: bytes) -> tuple[Any, int]: ...
     def _enqueue(self, rollout: Rollout) -> None: ...
     def _stop(self, rollout: Rollout) -> None: ...
     def _per_task(self, spec_key: str, spec: JobSpec) -> int: ...
@@ -60,20 +61,19 @@ class Batch:
         self._state_data = codec.encode(state)
         inline = len(self._state_data) <= backend.max_inline_state
         self.state = self._state_data if inline else None  # None: in the object store
-        self._stored: tuple[int, Any] | None = None
+        self._stored: tuple[Any, int] | None = None  # (the driver holding it, its key)
         self._lock = threading.Lock()
         if not inline:
             try:  # now, on the job's thread: the put happens once per iteration
-                self.state_ref()
+                self.stored_key()
             except ClusterUnreachable:  # put when a rollout is submitted
                 pass
 
-    def state_ref(self) -> Any:
-        """The stored state's object ref, put again after a reconnection."""
-        generation = self.backend._generation
+    def stored_key(self) -> int:
+        """The stored state's key in the driver, put again in a new driver."""
         with self._lock:
-            if self._stored is None or self._stored[0] != generation:
-                self._stored = (generation, self.backend._put(self._state_data))
+            if self._stored is None or self._stored[0] is not self.backend._link:
+                self._stored = self.backend._put(self, self._state_data)
             return self._stored[1]
 
     def launch(self, unit: int, query_index: int, index: int, signal: threading.Event,
@@ -100,20 +100,21 @@ class Rollout:
 class RayTask:
     """One Ray task running rollouts of one batch, in order (usually just one)."""
 
-    def __init__(self, batch: Batch, rollouts: list[Rollout]) -> None:
+    def __init__(self, number: int, batch: Batch, rollouts: list[Rollout]) -> None:
+        self.number = number  # the backend's name for it, and its driver's
         self.batch, self.rollouts = batch, rollouts
-        self.ref: Any = None
+        self.submitted_to: Any = None  # the driver (`DriverLink`) it was sent to
         for rollout in rollouts:
             rollout.task = self
 
-    def submit(self, remote: Any) -> Any:
+    def submit(self, link: Any) -> None:
+        """Send it to the driver behind `link` (its `Done` comes back by `number`)."""
         batch = self.batch
         call = encode_call(batch.spec_key, batch.spec, batch.state_key, batch.state,
                            batch.iteration, [(batch.queries[r.query_index], r.query_index,
                                               r.index) for r in self.rollouts])
-        self.ref = (remote.remote(call) if batch.state is not None
-                    else remote.remote(call, batch.state_ref()))
-        return self.ref
+        link.submit(self.number, call, None if batch.state is not None else batch.stored_key())
+        self.submitted_to = link
 
     def trajectories(self, result: bytes) -> list[Trajectory]:
         """The task's result as one trajectory per rollout (a trajectory that cannot be

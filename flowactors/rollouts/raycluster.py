@@ -3,7 +3,9 @@ local one started for this process.
 
 What runs where: the runtime, its log and every job's `init`/`update`/`evaluate` stay in this
 process; each rollout is one Ray task anywhere in the cluster, given one msgspec-encoded
-argument. Short rollouts share: once a job's rollouts are measured to take less than
+argument. The runtime's process never imports Ray: a child process of it is the Ray driver
+(`ray_link`, `ray_driver`), so that Ray ending its driver (it does when its node's object
+store goes away) cannot end the runtime. Short rollouts share: once a job's rollouts are measured to take less than
 `SHARED_TASK_S` together, up to `max_rollouts_per_task` of one iteration run in one task, one
 after another, so Ray's cost per task (about a millisecond of CPU) is paid once for them.
 Per iteration a large trainer state goes to the object store once (`ray.put` of its msgspec
@@ -17,18 +19,21 @@ of its task), or which outlives `rollout_timeout_s` is a failed trajectory. A jo
 rollout timeout gets a task per rollout, so that a timeout stops its own rollout only. With
 `max_retries=N`, Ray first re-runs a task whose worker died up to N times; the rerun draws
 the same generators, so a retried rollout is the same rollout. A cancelled job's tasks are
-cancelled in the cluster (`ray.cancel`). If the cluster goes away, rollouts in flight wait
-(each still bounded by `rollout_timeout_s`) while the backend reconnects; `unavailable` says
-why; they are submitted again once the cluster is back.
+cancelled in the cluster (`ray.cancel`). If the cluster goes away or the driver ends,
+rollouts in flight wait (each still bounded by `rollout_timeout_s`) while the backend starts
+a new driver; `unavailable` says why; they are submitted again once the cluster is back.
 """
 
 from __future__ import annotations
 
 import collections
-import os
+import importlib.util
+import itertools
 import socket
+import sys
 import threading
 import time
+import weakref
 from typing import Any
 
 from ..logs import get_logger
@@ -36,15 +41,14 @@ from ..spec import JobSpec, TrainingQuery
 from ..tasks import Task, Trajectory, failed_trajectory, snapshot
 from .base import Deadlines, OnComplete, RolloutBatch, RolloutHandle
 from .ray_batch import Batch, ClusterUnreachable, RayTask, Rollout
-from .ray_worker import rollouts_on_worker
+from .ray_link import Done, DriverGone, DriverLink, Setup
 
 log = get_logger(__name__)
 
 SHARED_TASK_S = 0.002
 """Rollouts of one iteration share a Ray task while together they take about this long."""
-# Ray ends a driver whose cluster (its GCS) is unreachable for this long (60 s by default);
-# the runtime must outlive its cluster, so when this backend connects, it waits far longer.
-_RECONNECT_ENV = "RAY_gcs_rpc_server_reconnect_timeout_s"
+MAX_RECONNECT_WAIT_S = 30.0
+"""The longest wait between two attempts to start a driver while the cluster is gone."""
 
 
 class RayRollouts:
@@ -52,12 +56,15 @@ class RayRollouts:
 
     Args:
         address: a running cluster (`"auto"`, `"host:6379"`, `"ray://host:10001"`); None
-            starts a local one for this process (or uses the one `ray.init` already made).
+            starts a local one for this backend (or, if this process called `ray.init`,
+            connects to that cluster).
         runtime_env: Ray's `runtime_env` for the rollouts, e.g. `{"pip": [...]}`,
             `{"working_dir": "."}` or `{"env_vars": {"PYTHONPATH": ...}}`: the workers must be
             able to import flowactors and the task's module (by the spec's task name).
         num_cpus: CPUs each rollout task reserves (Ray schedules by it).
-        remote_options: more options for every rollout task (`resources`, `scheduling_strategy`).
+        remote_options: more options for every rollout task (`resources`, `scheduling_strategy`
+            by name). These options and `init_options` are sent to the driver process, so
+            they must be plain data (str, numbers, lists, dicts).
         max_in_flight: rollouts submitted at once across all jobs; the rest wait here.
         max_retries: times Ray re-runs a rollout whose worker or node died (0: it fails).
         force_cancel: stop a cancelled or timed-out rollout by killing its worker process
@@ -69,6 +76,10 @@ class RayRollouts:
             iteration.
         max_rollouts_per_task: how many short rollouts of one iteration one Ray task may run
             (1: a task per rollout, always).
+        connect_timeout_s: how long the driver process may take to connect.
+
+    Raises ImportError without Ray, ValueError for options Ray refuses (or that are not plain
+    data), ConnectionError if the cluster cannot be reached.
     """
 
     def __init__(self, address: str | None = None, *, runtime_env: dict[str, Any] | None = None,
@@ -76,45 +87,42 @@ class RayRollouts:
                  max_in_flight: int = 1024, max_retries: int = 0, force_cancel: bool = True,
                  init_options: dict[str, Any] | None = None,
                  health_check_s: float = 1.0, max_inline_state: int = 16 * 1024,
-                 max_rollouts_per_task: int = 8) -> None:
-        import ray  # the optional extra: flowactors[ray]
-
+                 max_rollouts_per_task: int = 8, connect_timeout_s: float = 120.0) -> None:
+        if importlib.util.find_spec("ray") is None:
+            raise ImportError("RayRollouts needs Ray: pip install 'flowactors[ray]'")
         if max_in_flight < 1 or max_retries < 0 or max_rollouts_per_task < 1:
             raise ValueError("max_in_flight and max_rollouts_per_task must be >= 1, "
                              "max_retries >= 0")
-        self._ray = ray
-        self.address = address
-        self._runtime_env = runtime_env
-        self._init_options = dict(init_options or {})
+        self.address = address if address is not None else _this_process_cluster()
+        self._setup = Setup(address=self.address, runtime_env=runtime_env,
+                            init_options=dict(init_options or {}),
+                            remote_options={"num_cpus": num_cpus, "max_retries": max_retries,
+                                            "retry_exceptions": False, **(remote_options or {})})
         self._force = force_cancel
         self._max_in_flight = max_in_flight
         self._health_check_s = health_check_s
+        self._connect_timeout_s = connect_timeout_s
         self.max_inline_state = max_inline_state
         self._max_per_task = max_rollouts_per_task
-        options = {"num_cpus": num_cpus, "max_retries": max_retries, "retry_exceptions": False,
-                   **(remote_options or {})}
-        self._remote = ray.remote(rollouts_on_worker).options(**options)
         self.deadlines = Deadlines()
         self._lock = threading.Lock()
         self._in_flight = 0
         self._waiting: collections.deque[Rollout] = collections.deque()
-        self._running: set[RayTask] = set()
+        self._running: dict[int, RayTask] = {}  # by task number
+        self._task_numbers = itertools.count()
+        self._state_keys = itertools.count()
         self._seconds: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._pumping = threading.local()
-        self._generation = 0  # one per connection; results of an older one are ignored
         self._unavailable: str | None = None
         self._closed = False
-        self._owns = not ray.is_initialized()
-        self._gcs: tuple[str, int] | None = None  # the cluster's address, watched if owned
-        if self._owns:
-            self._connect()
+        self._gcs: tuple[str, int] | None = None  # the cluster's address, watched
+        self._link: DriverLink | None = None  # the driver; what an older one says is ignored
+        self._retry_s, self._retry_at = health_check_s, 0.0
+        self._connect()
         self._wake = threading.Event()  # set on close
         self._wake_check = threading.Event()  # check the cluster now
-        self._watchdog: threading.Thread | None = None
-        if self._owns:
-            self._watchdog = threading.Thread(target=self._watch, daemon=True,
-                                              name="ray-watchdog")
-            self._watchdog.start()
+        self._watchdog = threading.Thread(target=self._watch, daemon=True, name="ray-watchdog")
+        self._watchdog.start()
 
     @property
     def unavailable(self) -> str | None:
@@ -135,23 +143,23 @@ class RayRollouts:
         return False
 
     def close(self) -> None:
-        """Cancel what is in flight; shut Ray down if this backend started or connected it."""
+        """Cancel what is in flight; the driver shuts Ray down (and a local cluster) and ends."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            running = list(self._running)
+            running = list(self._running.values())
             self._running.clear()
             self._waiting.clear()
+            link, self._link = self._link, None
         self._wake.set()
         self._wake_check.set()
-        for ray_task in running:
-            self._cancel_in_cluster(ray_task)
+        if link is not None:
+            for ray_task in running:
+                self._cancel_in_cluster(link, ray_task)
+            link.close()
         self.deadlines.close()
-        if self._watchdog is not None:
-            self._watchdog.join(timeout=5)
-        if self._owns and self._ray.is_initialized():
-            self._ray.shutdown()
+        self._watchdog.join(timeout=5)
 
     def __enter__(self) -> RayRollouts:
         return self
@@ -201,49 +209,48 @@ class RayRollouts:
                 rollout = self._waiting.popleft()
                 if not rollout.stopped:
                     rollouts.append(rollout)
-            ray_task = RayTask(first.batch, rollouts)
+            ray_task = RayTask(next(self._task_numbers), first.batch, rollouts)
             self._in_flight += len(rollouts)
-            self._running.add(ray_task)
-            return ray_task, self._generation
+            self._running[ray_task.number] = ray_task
+            return ray_task, self._link
         return None
 
-    def _submit(self, ray_task: RayTask, generation: int) -> None:
+    def _submit(self, ray_task: RayTask, link: DriverLink) -> None:
         try:
-            ref = ray_task.submit(self._remote)
-        except ClusterUnreachable as exc:  # its state could not be put: wait for the cluster
-            self._lost(str(exc))
-            return
-        except Exception as exc:  # Ray refused it (not connected, a bad option)
+            ray_task.submit(link)
+        except (ClusterUnreachable, DriverGone) as exc:  # waits for the next driver
+            self._lost(link, str(exc))
+        except Exception as exc:  # it cannot be sent (an encoding error)
             self._finished(ray_task, [failed_trajectory(
                 f"rollout could not be submitted to Ray: {type(exc).__name__}: {exc}")])
-            return
-        # `_on_completed` is what `ref.future()` is built on, without a Future (its condition
-        # and lock) per task: the result, or the exception getting it raised.
-        ref._on_completed(lambda result: self._done(ray_task, generation, result))
 
-    def _done(self, ray_task: RayTask, generation: int, result: Any) -> None:
+    def _done(self, link: DriverLink, done: Done) -> None:
+        """A task's `Done` from a driver (called on its link's thread)."""
         with self._lock:
-            if generation != self._generation or ray_task not in self._running:
-                return  # from before a reconnection (it is submitted again), or cancelled
+            ray_task = self._running.get(done.task)
+            if link is not self._link or ray_task is None:
+                return  # from before a new driver (it is submitted again), or cancelled
         try:
-            if isinstance(result, Exception):  # the worker or its node died, the object was
-                raise result                   # lost, the task was cancelled, ...
-            trajectories = ray_task.trajectories(result)
+            if done.result is None:  # refused by Ray, or the worker or its node died, the
+                raise _TaskFailed(done.error or "no result")  # object was lost, ...
+            trajectories = ray_task.trajectories(done.result)
         except Exception as exc:
-            failed = [failed_trajectory(f"{type(exc).__name__}: {_first_line(exc)}")]
-            if self._watchdog is None:
-                self._finished(ray_task, failed)
+            failed = [failed_trajectory(_first_line(exc) if isinstance(exc, _TaskFailed) else
+                                        f"{type(exc).__name__}: {_first_line(exc)}")]
+            if not done.submitted:
+                self._finished(ray_task, [failed_trajectory(
+                    f"rollout could not be submitted to Ray: {done.error}")])
             else:  # a dying head kills workers first: is it this task, or the cluster?
                 self.deadlines.call_at(time.monotonic() + self._health_check_s,
-                                       lambda: self._judge(ray_task, generation, failed))
+                                       lambda: self._judge(ray_task, link, failed))
             return
         self._finished(ray_task, trajectories)
 
-    def _judge(self, ray_task: RayTask, generation: int, failed: list[Trajectory]) -> None:
+    def _judge(self, ray_task: RayTask, link: DriverLink, failed: list[Trajectory]) -> None:
         """A task's worker died a moment ago: failed trajectories, unless the whole cluster
         is gone (then its rollouts are submitted again once the cluster is back)."""
         with self._lock:
-            if generation != self._generation or self._unavailable is not None:
+            if link is not self._link or self._unavailable is not None:
                 return
         if self._gcs is not None and not _reachable(self._gcs):
             self._wake_check.set()  # the watchdog takes it from here
@@ -253,9 +260,8 @@ class RayRollouts:
     def _finished(self, ray_task: RayTask, trajectories: list[Trajectory]) -> None:
         """Resolve the task's rollouts (one failed trajectory given: it is each one's)."""
         with self._lock:
-            if ray_task not in self._running:
+            if self._running.pop(ray_task.number, None) is None:
                 return
-            self._running.discard(ray_task)
             self._in_flight -= len(ray_task.rollouts)
         if len(trajectories) == 1:
             trajectories = trajectories * len(ray_task.rollouts)
@@ -269,21 +275,23 @@ class RayRollouts:
         rollout.stopped = True
         ray_task = rollout.task
         with self._lock:
-            stopping = (ray_task is not None and ray_task in self._running
+            stopping = (ray_task is not None and ray_task.number in self._running
                         and all(r.stopped for r in ray_task.rollouts))
             if stopping:
-                self._running.discard(ray_task)
+                del self._running[ray_task.number]
                 self._in_flight -= len(ray_task.rollouts)
+            link = self._link
         if stopping:
-            self._cancel_in_cluster(ray_task)
+            if link is not None:
+                self._cancel_in_cluster(link, ray_task)
             self._pump()
 
-    def _cancel_in_cluster(self, ray_task: RayTask) -> None:
-        if ray_task.ref is not None:
+    def _cancel_in_cluster(self, link: DriverLink, ray_task: RayTask) -> None:
+        if ray_task.submitted_to is link:
             try:
-                self._ray.cancel(ray_task.ref, force=self._force)
-            except Exception as exc:  # best effort: nothing waits for it any more
-                log.debug("ray_cancel_failed", error=_first_line(exc))
+                link.cancel(ray_task.number, force=self._force)
+            except DriverGone:  # nothing runs there any more
+                pass
 
     # --- how long rollouts take, how many share a task ---
 
@@ -306,30 +314,39 @@ class RayRollouts:
             while len(self._seconds) > 1024:
                 self._seconds.popitem(last=False)
 
-    def _put(self, data: bytes) -> Any:
-        """`ray.put`, tried only while the cluster answers: Ray ends the process whose put
-        finds its node's object store gone (the head died with it), before any exception."""
-        if self._watchdog is not None and self._gcs is not None and not _reachable(self._gcs):
-            host, port = self._gcs
-            raise ClusterUnreachable(f"the Ray cluster at {host}:{port} is unreachable")
-        return self._ray.put(data)
+    def _put(self, batch: Batch, data: bytes) -> tuple[DriverLink, int]:
+        """Put a batch's state in the object store (the driver does): the driver that holds
+        it, and its key there. Its object ref is released when the batch is gone."""
+        link = self._link
+        if link is None:
+            raise ClusterUnreachable(self._unavailable or "no Ray driver")
+        key = next(self._state_keys)
+        try:
+            link.put(key, data)
+        except DriverGone as exc:
+            raise ClusterUnreachable(str(exc)) from None
+        weakref.finalize(batch, link.drop_later, key)
+        return link, key
 
     # --- the cluster going away and coming back ---
 
     def _connect(self) -> None:
-        os.environ.setdefault(_RECONNECT_ENV, str(10 ** 9))
-        options: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": False}
-        if self.address is None:  # a local cluster: no dashboard to start
-            options["include_dashboard"] = False
-        self._ray.init(address=self.address, runtime_env=self._runtime_env,
-                       **{**options, **self._init_options})
-        try:
-            self._gcs = _host_port(self._ray.get_runtime_context().gcs_address)
-        except Exception:  # a Ray Client connection (ray://) has no GCS address to watch
-            self._gcs = None
+        """Start a driver; raises if it does not connect."""
+        link = DriverLink(self._setup, on_done=self._done, on_exit=self._lost,
+                          timeout=self._connect_timeout_s)
+        self._gcs = _host_port(link.gcs_address) if link.gcs_address else None
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._link = link
+        if closed:
+            link.close()
+            return
+        link.start_reading()
 
     def _watch(self) -> None:
-        """Check the cluster while rollouts are in flight; reconnect when it is gone."""
+        """Check the cluster while rollouts are in flight; start a new driver when the old one
+        is gone (waiting longer between failed attempts, up to `MAX_RECONNECT_WAIT_S`)."""
         while not self._wake.is_set():
             self._wake_check.wait(self._health_check_s)
             self._wake_check.clear()
@@ -339,39 +356,60 @@ class RayRollouts:
                 if not self._running or self._gcs is None or _reachable(self._gcs):
                     continue
                 host, port = self._gcs
-                self._lost(f"the Ray cluster at {host}:{port} is unreachable")
-            self._reconnect()
+                self._lost(self._link, f"the Ray cluster at {host}:{port} is unreachable")
+            elif time.monotonic() >= self._retry_at:
+                self._reconnect()
 
-    def _lost(self, reason: str) -> None:
+    def _lost(self, link: DriverLink | None, reason: str) -> None:
+        """`link`'s driver ended, or its cluster is unreachable: end it, and keep its rollouts
+        waiting for the next driver."""
         with self._lock:
-            if self._unavailable is not None:
-                return  # the watchdog and a put both found it gone
+            if link is None or link is not self._link or self._closed:
+                return  # already known, or about an older driver
             self._unavailable = reason
-            self._generation += 1
-            rollouts = [r for ray_task in self._running for r in ray_task.rollouts]
+            self._link = None
+            rollouts = [r for ray_task in self._running.values() for r in ray_task.rollouts]
             self._waiting.extendleft(sorted(rollouts, key=lambda r: r.order, reverse=True))
             self._running.clear()
             self._in_flight = 0
+            self._retry_s = self._health_check_s
+            self._retry_at = time.monotonic()
         log.error("ray_cluster_unavailable", reason=reason)
-        try:
-            self._ray.shutdown()
-        except Exception as exc:
-            log.warning("ray_shutdown_failed", error=repr(exc))
+        threading.Thread(target=link.kill, daemon=True, name="ray-driver-kill").start()
+        self._wake_check.set()
 
     def _reconnect(self) -> None:
+        if self.address is not None and self._gcs is not None and not _reachable(self._gcs):
+            self._retry_later("the cluster does not answer")
+            return
         try:
             self._connect()
         except Exception as exc:
-            log.info("ray_reconnect_failed", error=_first_line(exc))
-            try:
-                self._ray.shutdown()
-            except Exception:
-                pass
+            self._retry_later(_first_line(exc))
             return
         with self._lock:
-            self._unavailable = None  # batches put their state again: a new generation
-        log.info("ray_cluster_reconnected", address=self.address)
+            if self._closed:
+                return
+            self._unavailable = None  # batches put their state again: a new driver
+        log.info("ray_cluster_reconnected", address=self.address or "a local cluster")
         self._pump()
+
+    def _retry_later(self, why: str) -> None:
+        log.info("ray_reconnect_failed", error=why, retry_in_s=round(self._retry_s, 1))
+        self._retry_at = time.monotonic() + self._retry_s
+        self._retry_s = min(self._retry_s * 2, MAX_RECONNECT_WAIT_S)
+
+
+class _TaskFailed(Exception):
+    """A task's failure as the driver reported it (its message is already one line)."""
+
+
+def _this_process_cluster() -> str | None:
+    """The cluster this process's `ray.init` connected to, if any (Ray is not imported)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().gcs_address
 
 
 def _host_port(address: str) -> tuple[str, int]:
