@@ -32,6 +32,7 @@ from flowactors.console import stderr_logs
 TOOLS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS))
 SECTIONS = ("io", "rss", "cpu", "overhead")
+TASKS_ENV = {"env_vars": {"PYTHONPATH": str(TOOLS)}}
 QUERIES = [fa.TrainingQuery(query=f"bench query {i}") for i in range(200)]
 
 
@@ -92,12 +93,14 @@ def bench_overhead(directory: Path, ray_rollouts, iterations: int, repeats: int 
     """The figures measured in turn, `repeats` times; the best of each (the least disturbed by
     other work on the machine, as the same run's baseline is). Each figure twice: with short
     rollouts sharing Ray tasks (the default), and with a task per rollout, as the bare baseline
-    has (`max_rollouts_per_task=1`, a second backend on the same connection)."""
+    has (`max_rollouts_per_task=1`, a second backend on the same cluster). The bare tasks are
+    submitted from this process, connected to the cluster `main` started; the backends submit
+    from their driver processes."""
     import ray
     from bench_rollouts_tasks import trivial
 
     remote = ray.remote(trivial).options(num_cpus=1, max_retries=0)
-    one_each = fa.RayRollouts(max_rollouts_per_task=1)  # on the connection ray_rollouts made
+    one_each = fa.RayRollouts(max_rollouts_per_task=1, runtime_env=TASKS_ENV)
     n = 8 * 16 * iterations
     ray.get([remote.remote(i) for i in range(256)], timeout=120)  # warm
     specs = [spec("CpuTask", 200 + i, n_iterations=iterations, batch_size=2, per_query=8,
@@ -208,9 +211,13 @@ def main() -> int:
             bench_rss(directory)
         if not sections & {"cpu", "overhead"}:
             return 0
-        # One local cluster, one worker per core; the workers import the bench tasks.
-        with fa.RayRollouts(runtime_env={"env_vars": {"PYTHONPATH": str(TOOLS)}},
-                            init_options={"num_cpus": os.cpu_count()}) as ray_rollouts:
+        # One local cluster, one worker per core, started by this process (whose bare Ray tasks
+        # are the baseline); the workers import the bench tasks.
+        import ray
+
+        ray.init(num_cpus=os.cpu_count(), runtime_env=TASKS_ENV, include_dashboard=False,
+                 logging_level="ERROR", log_to_driver=False)
+        with fa.RayRollouts(runtime_env=TASKS_ENV) as ray_rollouts:
             if "cpu" in sections:
                 bench_cpu(directory, ray_rollouts, 2 if args.quick else 5)
             if "overhead" in sections:

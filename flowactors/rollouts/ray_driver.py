@@ -165,7 +165,9 @@ def main(argv: list[str]) -> int:
     driver = Driver(ray, remote, conn)
     driver.serve()
     # The runtime closed or is gone: shut Ray down, unless that hangs (a dead cluster).
-    threading.Timer(_SHUTDOWN_S, os._exit, args=(0,)).start()
+    timer = threading.Timer(_SHUTDOWN_S, os._exit, args=(0,))
+    timer.daemon = True
+    timer.start()
     driver.stop()
     ray.shutdown()
     os._exit(0)

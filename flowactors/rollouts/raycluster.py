@@ -330,8 +330,9 @@ class RayRollouts:
 
     # --- the cluster going away and coming back ---
 
-    def _connect(self) -> None:
-        """Start a driver; raises if it does not connect."""
+    def _connect(self) -> DriverLink | None:
+        """Start a driver (None: the backend was closed meanwhile); raises if it does not
+        connect."""
         link = DriverLink(self._setup, on_done=self._done, on_exit=self._lost,
                           timeout=self._connect_timeout_s)
         self._gcs = _host_port(link.gcs_address) if link.gcs_address else None
@@ -341,8 +342,9 @@ class RayRollouts:
                 self._link = link
         if closed:
             link.close()
-            return
+            return None
         link.start_reading()
+        return link
 
     def _watch(self) -> None:
         """Check the cluster while rollouts are in flight; start a new driver when the old one
@@ -383,13 +385,13 @@ class RayRollouts:
             self._retry_later("the cluster does not answer")
             return
         try:
-            self._connect()
+            link = self._connect()
         except Exception as exc:
             self._retry_later(_first_line(exc))
             return
         with self._lock:
-            if self._closed:
-                return
+            if self._closed or link is None or self._link is not link:
+                return  # closed, or this driver ended already (`_lost` said so)
             self._unavailable = None  # batches put their state again: a new driver
         log.info("ray_cluster_reconnected", address=self.address or "a local cluster")
         self._pump()
