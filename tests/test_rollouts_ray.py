@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -394,3 +395,15 @@ def test_a_killed_driver_is_replaced_and_the_job_trains_on(cluster, tmp_path):
         backend.close()
     assert not any(trainer.errors), trainer.errors  # no rollout was lost with the driver
     assert _run(tmp_path, "threads", spec, None, 4)[0] == on_ray
+
+
+def test_an_address_where_nothing_answers_is_a_connection_error_at_once():
+    """No Ray cluster at the address: ConnectionError naming it, without waiting for Ray's
+    own connection timeouts."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(ConnectionError, match=f"127.0.0.1:{port}"):
+        fa.RayRollouts(f"127.0.0.1:{port}")
+    assert time.monotonic() - started < 5

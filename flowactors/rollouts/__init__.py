@@ -4,7 +4,7 @@
   `rollout` is `async def` runs as coroutines on an event loop it owns (`AsyncRollouts`).
 - `AsyncRollouts`: coroutines on one event loop, hundreds in flight on one thread.
 - `RayRollouts`: each rollout a Ray task on a cluster (the optional extra `flowactors[ray]`;
-  Ray is imported only when one is made).
+  Ray is imported only by the driver process each one starts, never by the runtime's).
 
 Every backend goes through `RolloutBatch`, so the job sees the same thing on each: bounded by
 `max_parallel_rollouts`, failures and timeouts as failed trajectories, results in the fixed

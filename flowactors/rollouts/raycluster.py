@@ -94,6 +94,7 @@ class RayRollouts:
             raise ValueError("max_in_flight and max_rollouts_per_task must be >= 1, "
                              "max_retries >= 0")
         self.address = address if address is not None else _this_process_cluster()
+        _check_answers(self.address)
         self._setup = Setup(address=self.address, runtime_env=runtime_env,
                             init_options=dict(init_options or {}),
                             remote_options={"num_cpus": num_cpus, "max_retries": max_retries,
@@ -406,6 +407,19 @@ class _TaskFailed(Exception):
     """A task's failure as the driver reported it (its message is already one line)."""
 
 
+def _check_answers(address: str | None) -> None:
+    """A `host:port` address where nothing listens is a ConnectionError now (Ray itself would
+    wait for it until `connect_timeout_s`)."""
+    if address is None or address == "auto" or "://" in address or ":" not in address:
+        return
+    try:
+        host_port = _host_port(address)
+    except ValueError:
+        return  # not host:port: Ray says what is wrong with it
+    if not _reachable(host_port):
+        raise ConnectionError(f"no Ray cluster answers at {address}")
+
+
 def _this_process_cluster() -> str | None:
     """The cluster this process's `ray.init` connected to, if any (Ray is not imported)."""
     ray = sys.modules.get("ray")
@@ -416,7 +430,7 @@ def _this_process_cluster() -> str | None:
 
 def _host_port(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
-    return host, int(port)
+    return host.strip("[]"), int(port)  # an IPv6 host comes in brackets
 
 
 def _reachable(address: tuple[str, int], timeout: float = 1.0) -> bool:
