@@ -250,9 +250,9 @@ def _task_sizes(backend, monkeypatch) -> list[int]:
     sizes: list[int] = []
     submit = backend._link.submit
 
-    def counting(task: int, call: bytes, state_key: int | None) -> None:
-        sizes.append(len(decoder.decode(call).rollouts))
-        submit(task, call, state_key)
+    def counting(submits) -> None:
+        sizes.extend(len(decoder.decode(s.call).rollouts) for s in submits)
+        submit(submits)
 
     monkeypatch.setattr(backend._link, "submit", counting)
     return sizes
@@ -347,7 +347,7 @@ def test_a_refused_submission_is_a_failed_trajectory_for_each_rollout(cluster, r
     does not nest on the stack."""
     backend = fa.RayRollouts(cluster.address)
 
-    def refusing(*args):
+    def refusing(submits):
         raise ValueError("bad option")
 
     monkeypatch.setattr(backend._link, "submit", refusing)

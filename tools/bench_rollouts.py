@@ -212,11 +212,15 @@ def main() -> int:
         if not sections & {"cpu", "overhead"}:
             return 0
         # One local cluster, one worker per core, started by this process (whose bare Ray tasks
-        # are the baseline); the workers import the bench tasks.
+        # are the baseline); the workers import the bench tasks. Each driver (this process,
+        # and each backend's driver process) is a Ray job with workers of its own; Ray keeps
+        # as many idle workers as cores, so measuring them in turn would start each one's
+        # workers anew every time: keep enough for all three.
         import ray
 
         ray.init(num_cpus=os.cpu_count(), runtime_env=TASKS_ENV, include_dashboard=False,
-                 logging_level="ERROR", log_to_driver=False)
+                 logging_level="ERROR", log_to_driver=False,
+                 _system_config={"num_workers_soft_limit": 3 * (os.cpu_count() or 1)})
         with fa.RayRollouts(runtime_env=TASKS_ENV) as ray_rollouts:
             if "cpu" in sections:
                 bench_cpu(directory, ray_rollouts, 2 if args.quick else 5)

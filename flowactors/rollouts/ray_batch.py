@@ -20,6 +20,7 @@ from .. import codec
 from ..spec import JobSpec, TrainingQuery
 from ..tasks import Trajectory, failed_trajectory
 from .base import Resolve
+from .ray_link import Submit
 from .ray_worker import decode_results, encode_call, rollout_spec
 
 _trajectory_decoder = msgspec.msgpack.Decoder(Trajectory)
@@ -107,14 +108,15 @@ class RayTask:
         for rollout in rollouts:
             rollout.task = self
 
-    def submit(self, link: Any) -> None:
-        """Send it to the driver behind `link` (its `Done` comes back by `number`)."""
+    def submission(self, link: Any) -> Submit:
+        """What the driver behind `link` is sent to run it (its `Done` comes back by
+        `number`); a large state is put there first if it is not yet."""
         batch = self.batch
         call = encode_call(batch.spec_key, batch.spec, batch.state_key, batch.state,
                            batch.iteration, [(batch.queries[r.query_index], r.query_index,
                                               r.index) for r in self.rollouts])
-        link.submit(self.number, call, None if batch.state is not None else batch.stored_key())
         self.submitted_to = link
+        return Submit(self.number, call, None if batch.state is not None else batch.stored_key())
 
     def trajectories(self, result: bytes) -> list[Trajectory]:
         """The task's result as one trajectory per rollout (a trajectory that cannot be

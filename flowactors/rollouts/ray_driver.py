@@ -54,12 +54,13 @@ class Driver:
         """Carry out messages until `Close`, or until the runtime's end closes."""
         while True:
             try:
-                message = to_driver.decode(self._conn.recv_bytes())
+                messages = to_driver.decode(self._conn.recv_bytes())
             except (EOFError, OSError):
                 return
-            if isinstance(message, Close):
-                return
-            self._handle(message)
+            for message in messages:
+                if isinstance(message, Close):
+                    return
+                self._handle(message)
 
     def _handle(self, message: Any) -> None:
         if isinstance(message, Submit):
@@ -109,10 +110,16 @@ class Driver:
             self._outbox.put(Done(task, error=_first_line(result)))
 
     def _write(self) -> None:
+        """Send what is in the outbox, all of it in one frame (results come in bursts)."""
         while (message := self._outbox.get()) is not None:
+            messages = [message]
+            while not self._outbox.empty() and (message := self._outbox.get()) is not None:
+                messages.append(message)
             try:
-                self._conn.send_bytes(encoder.encode(message))
+                self._conn.send_bytes(encoder.encode(messages))
             except OSError:  # the runtime is gone: the reader sees it too
+                return
+            if message is None:
                 return
 
     def stop(self) -> None:
@@ -145,23 +152,23 @@ def _connect(setup: Setup) -> tuple[Any, Any, str | None]:
 def main(argv: list[str]) -> int:
     conn = Connection(int(argv[0]))
     try:
-        setup = to_driver.decode(conn.recv_bytes())
-    except (EOFError, OSError):
+        setup = to_driver.decode(conn.recv_bytes())[0]
+    except (EOFError, OSError, IndexError):
         return 1
     if not isinstance(setup, Setup):
         return 2
     try:
         ray, remote, gcs = _connect(setup)
     except (ValueError, TypeError) as exc:  # Ray refused an option
-        conn.send_bytes(encoder.encode(Refused(f"{type(exc).__name__}: {one_line(str(exc))}",
-                                               bad_options=True)))
+        conn.send_bytes(encoder.encode([Refused(f"{type(exc).__name__}: {one_line(str(exc))}",
+                                               bad_options=True)]))
         return 1
     except Exception as exc:
-        conn.send_bytes(encoder.encode(Refused(
+        conn.send_bytes(encoder.encode([Refused(
             f"Ray could not connect to {setup.address or 'a local cluster'}: "
-            f"{type(exc).__name__}: {one_line(str(exc))}", bad_options=False)))
+            f"{type(exc).__name__}: {one_line(str(exc))}", bad_options=False)]))
         return 1
-    conn.send_bytes(encoder.encode(Connected(gcs)))
+    conn.send_bytes(encoder.encode([Connected(gcs)]))
     driver = Driver(ray, remote, conn)
     driver.serve()
     # The runtime closed or is gone: shut Ray down, unless that hangs (a dead cluster).

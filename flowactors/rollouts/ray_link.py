@@ -97,8 +97,8 @@ class Done(msgspec.Struct, tag=True):
 ToDriver = Setup | Put | Submit | Cancel | Drop | Close
 FromDriver = Connected | Refused | Done
 encoder = msgspec.msgpack.Encoder()
-to_driver = msgspec.msgpack.Decoder(ToDriver)
-from_driver = msgspec.msgpack.Decoder(FromDriver)
+to_driver = msgspec.msgpack.Decoder(list[ToDriver])  # a frame holds several messages
+from_driver = msgspec.msgpack.Decoder(list[FromDriver])
 
 
 class DriverGone(Exception):
@@ -114,7 +114,7 @@ class DriverLink:
         """Start the driver and wait (up to `timeout` seconds) until it is connected; raise
         ValueError (bad options) or ConnectionError (anything else) if it is not."""
         try:
-            data = encoder.encode(setup)
+            data = encoder.encode([setup])
         except TypeError as exc:
             raise ValueError(f"Ray's options go to the driver process and must be plain data "
                              f"(str, numbers, lists, dicts): {exc}") from None
@@ -157,8 +157,8 @@ class DriverLink:
             if time.monotonic() > deadline:
                 raise ConnectionError(f"Ray did not connect within {timeout:g} s")
         try:
-            reply = from_driver.decode(self._conn.recv_bytes())
-        except (EOFError, OSError) as exc:
+            reply = from_driver.decode(self._conn.recv_bytes())[0]
+        except (EOFError, OSError, IndexError) as exc:
             raise ConnectionError(f"Ray's driver process ended before it connected: "
                                   f"{exc!r}") from None
         if isinstance(reply, Refused):
@@ -168,45 +168,47 @@ class DriverLink:
         return reply
 
     def put(self, key: int, data: bytes) -> None:
-        self._send(Put(key, data))
+        self._send([Put(key, data)])
 
-    def submit(self, task: int, call: bytes, state_key: int | None) -> None:
-        self._send(Submit(task, call, state_key))
+    def submit(self, submits: list[Submit]) -> None:
+        self._send(submits)
 
     def cancel(self, task: int, force: bool) -> None:
-        self._send(Cancel(task, force))
+        self._send([Cancel(task, force)])
 
     def drop_later(self, key: int) -> None:
         """A state no batch needs: dropped with the next message (callable from any thread,
         a finalizer's too: it only appends)."""
         self._dropped.append(key)
 
-    def _send(self, message: ToDriver) -> None:
+    def _send(self, messages: list[Any]) -> None:
+        """One frame: the states to drop, then `messages`, carried out in that order."""
         with self._send_lock:
             if self._closing:
                 raise DriverGone("the Ray driver is closing")
             try:
                 if self._dropped:
                     keys = [self._dropped.popleft() for _ in range(len(self._dropped))]
-                    self._conn.send_bytes(encoder.encode(Drop(keys)))
-                self._conn.send_bytes(encoder.encode(message))
+                    messages = [Drop(keys), *messages]
+                self._conn.send_bytes(encoder.encode(messages))
             except OSError as exc:
                 raise DriverGone(f"the Ray driver process cannot be reached: {exc!r}") from None
 
     def _read(self) -> None:
         while True:
             try:
-                message = from_driver.decode(self._conn.recv_bytes())
+                messages = from_driver.decode(self._conn.recv_bytes())
             except (EOFError, OSError):
                 break
             except msgspec.DecodeError:
                 log.exception("ray_driver_message_unreadable")
                 break
-            if isinstance(message, Done):
-                try:
-                    self._on_done(self, message)
-                except Exception:
-                    log.exception("ray_result_callback_failed", task=message.task)
+            for message in messages:
+                if isinstance(message, Done):
+                    try:
+                        self._on_done(self, message)
+                    except Exception:
+                        log.exception("ray_result_callback_failed", task=message.task)
         code = self._process.wait()
         self._conn.close()
         if not self._closing:
@@ -216,7 +218,7 @@ class DriverLink:
     def close(self, timeout: float = 10.0) -> None:
         """Ask the driver to shut Ray down and end; kill it if it has not within `timeout`."""
         try:
-            self._send(Close())
+            self._send([Close()])
         except DriverGone:
             pass
         self._closing = True

@@ -45,6 +45,8 @@ from .ray_link import Done, DriverGone, DriverLink, Setup
 
 log = get_logger(__name__)
 
+TASKS_PER_SEND = 64
+"""Ray tasks sent to the driver in one message, at most."""
 SHARED_TASK_S = 0.002
 """Rollouts of one iteration share a Ray task while together they take about this long."""
 MAX_RECONNECT_WAIT_S = 30.0
@@ -189,14 +191,15 @@ class RayRollouts:
         try:
             while True:
                 with self._lock:
-                    nxt = self._next_task()
-                if nxt is None:
+                    tasks = list(itertools.islice(iter(self._next_task, None), TASKS_PER_SEND))
+                    link = self._link
+                if not tasks:
                     return
-                self._submit(*nxt)
+                self._submit(tasks, link)
         finally:
             self._pumping.active = False
 
-    def _next_task(self) -> tuple[RayTask, int] | None:
+    def _next_task(self) -> RayTask | None:
         """The next Ray task to submit: the first waiting rollout and those of its batch
         waiting after it, up to the batch's `per_task` (called with the lock held)."""
         while (self._waiting and self._unavailable is None and not self._closed
@@ -213,17 +216,33 @@ class RayRollouts:
             ray_task = RayTask(next(self._task_numbers), first.batch, rollouts)
             self._in_flight += len(rollouts)
             self._running[ray_task.number] = ray_task
-            return ray_task, self._link
+            return ray_task
         return None
 
-    def _submit(self, ray_task: RayTask, link: DriverLink) -> None:
+    def _submit(self, tasks: list[RayTask], link: DriverLink) -> None:
+        """Send tasks to the driver in one message (a task that cannot be made fails alone)."""
+        submits = []
         try:
-            ray_task.submit(link)
-        except (ClusterUnreachable, DriverGone) as exc:  # waits for the next driver
+            for ray_task in tasks:
+                try:
+                    submits.append(ray_task.submission(link))
+                except ClusterUnreachable:
+                    raise
+                except Exception as exc:  # it cannot be encoded
+                    self._finished(ray_task, [failed_trajectory(
+                        f"rollout could not be submitted to Ray: {type(exc).__name__}: {exc}")])
+            if submits:
+                link.submit(submits)
+        except (ClusterUnreachable, DriverGone) as exc:  # they wait for the next driver
             self._lost(link, str(exc))
-        except Exception as exc:  # it cannot be sent (an encoding error)
-            self._finished(ray_task, [failed_trajectory(
-                f"rollout could not be submitted to Ray: {type(exc).__name__}: {exc}")])
+        except Exception as exc:  # the message cannot be sent: each of its tasks fails
+            failed = failed_trajectory(
+                f"rollout could not be submitted to Ray: {type(exc).__name__}: {exc}")
+            for submit in submits:
+                with self._lock:
+                    ray_task = self._running.get(submit.task)
+                if ray_task is not None:
+                    self._finished(ray_task, [failed])
 
     def _done(self, link: DriverLink, done: Done) -> None:
         """A task's `Done` from a driver (called on its link's thread)."""
