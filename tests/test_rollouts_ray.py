@@ -176,9 +176,25 @@ def test_timeout_and_cancel_reach_the_ray_tasks_in_flight(rollouts, tmp_path):
                message="the cancelled rollouts' workers to stop")
 
 
+def _drivers_of(pid: int) -> list[int]:
+    """The Ray driver processes the process `pid` started."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if (int(stat.rsplit(")", 1)[1].split()[1]) == pid
+                and b"flowactors.rollouts.ray_driver" in cmdline):
+            found.append(int(entry.name))
+    return found
+
+
 def test_a_runtime_killed_with_ray_rollouts_in_flight_resumes_bit_identically(cluster, tmp_path):
-    """SIGKILL of a runtime process whose rollouts run on the cluster, mid-run; the
-    restarted process resumes the job; its final digest equals a thread-backend run's."""
+    """SIGKILL of a runtime process whose rollouts run on the cluster, mid-run: its Ray driver
+    ends too; the restarted process resumes the job; its final digest equals a thread-backend
+    run's."""
     JOB_ID, job_spec, reference = ray_child_reference(tmp_path)
 
     db = tmp_path / "ray.db"
@@ -200,9 +216,13 @@ def test_a_runtime_killed_with_ray_rollouts_in_flight_resumes_bit_identically(cl
         wait_until(lambda: iterations() >= 4 or first.poll() is not None, timeout=60,
                    message="4 iterations on the cluster")
         assert first.poll() is None, first.stderr.read().decode()
+        drivers = _drivers_of(first.pid)
+        assert len(drivers) == 1
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)
+    wait_until(lambda: _gone(drivers[0]), timeout=30,
+               message="the killed runtime's Ray driver to end")
     second = child()
     try:
         assert second.wait(timeout=120) == 0, second.stderr.read().decode()

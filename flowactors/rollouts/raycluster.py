@@ -250,21 +250,20 @@ class RayRollouts:
             ray_task = self._running.get(done.task)
             if link is not self._link or ray_task is None:
                 return  # from before a new driver (it is submitted again), or cancelled
-        try:
-            if done.result is None:  # refused by Ray, or the worker or its node died, the
-                raise _TaskFailed(done.error or "no result")  # object was lost, ...
-            trajectories = ray_task.trajectories(done.result)
-        except Exception as exc:
-            failed = [failed_trajectory(_first_line(exc) if isinstance(exc, _TaskFailed) else
-                                        f"{type(exc).__name__}: {_first_line(exc)}")]
-            if not done.submitted:
-                self._finished(ray_task, [failed_trajectory(
-                    f"rollout could not be submitted to Ray: {done.error}")])
-            else:  # a dying head kills workers first: is it this task, or the cluster?
-                self.deadlines.call_at(time.monotonic() + self._health_check_s,
-                                       lambda: self._judge(ray_task, link, failed))
-            return
-        self._finished(ray_task, trajectories)
+        if done.result is not None:
+            try:
+                trajectories = ray_task.trajectories(done.result)
+            except Exception as exc:  # not a list of one result per rollout
+                trajectories = [failed_trajectory(f"{type(exc).__name__}: {_first_line(exc)}")]
+            self._finished(ray_task, trajectories)
+        elif not done.submitted:  # Ray refused it
+            self._finished(ray_task, [failed_trajectory(
+                f"rollout could not be submitted to Ray: {done.error}")])
+        else:  # the worker or its node died, the object was lost, ... A dying head kills
+            # workers first: is it this task, or the cluster?
+            failed = [failed_trajectory(done.error or "the task ended without a result")]
+            self.deadlines.call_at(time.monotonic() + self._health_check_s,
+                                   lambda: self._judge(ray_task, link, failed))
 
     def _judge(self, ray_task: RayTask, link: DriverLink, failed: list[Trajectory]) -> None:
         """A task's worker died a moment ago: failed trajectories, unless the whole cluster
@@ -420,10 +419,6 @@ class RayRollouts:
         log.info("ray_reconnect_failed", error=why, retry_in_s=round(self._retry_s, 1))
         self._retry_at = time.monotonic() + self._retry_s
         self._retry_s = min(self._retry_s * 2, MAX_RECONNECT_WAIT_S)
-
-
-class _TaskFailed(Exception):
-    """A task's failure as the driver reported it (its message is already one line)."""
 
 
 def _check_answers(address: str | None) -> None:
