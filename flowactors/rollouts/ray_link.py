@@ -200,8 +200,9 @@ class DriverLink:
                 messages = from_driver.decode(self._conn.recv_bytes())
             except (EOFError, OSError):
                 break
-            except msgspec.DecodeError:
+            except msgspec.DecodeError:  # not our driver's: end it, a new one takes over
                 log.exception("ray_driver_message_unreadable")
+                self._process.kill()
                 break
             for message in messages:
                 if isinstance(message, Done):
