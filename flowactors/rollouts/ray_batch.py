@@ -3,8 +3,8 @@ run them (`RayTask`: one rollout, or several short ones of the same batch one af
 
 A batch encodes the job's `RolloutSpec` and its trainer state once; a state too large to travel
 inside each task is put in the object store once (and again in a new driver, after the cluster
-or the driver went away). The backend
-(`raycluster.RayRollouts`) decides which rollouts go to which task and when.
+or the driver went away). The backend (`raycluster.RayRollouts`) decides which rollouts go to
+which task and when.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from .. import codec
 from ..spec import JobSpec, TrainingQuery
 from ..tasks import Trajectory, failed_trajectory
 from .base import Resolve
-from .ray_link import Submit
+from .ray_link import DriverLink, Submit
 from .ray_worker import decode_results, encode_call, rollout_spec
 
 _trajectory_decoder = msgspec.msgpack.Decoder(Trajectory)
@@ -36,10 +36,10 @@ class ClusterUnreachable(Exception):
 class Backend(Protocol):
     """What a batch needs of its backend (`RayRollouts`, whose own methods these are)."""
 
-    _link: Any
+    _link: DriverLink | None
     max_inline_state: int
 
-    def _put(self, batch: Batch, data: bytes) -> tuple[Any, int]: ...
+    def _put(self, batch: Batch, data: bytes) -> tuple[DriverLink, int]: ...
     def _enqueue(self, rollout: Rollout) -> None: ...
     def _stop(self, rollout: Rollout) -> None: ...
     def _per_task(self, spec_key: str, spec: JobSpec) -> int: ...
@@ -62,7 +62,7 @@ class Batch:
         self._state_data = codec.encode(state)
         inline = len(self._state_data) <= backend.max_inline_state
         self.state = self._state_data if inline else None  # None: in the object store
-        self._stored: tuple[Any, int] | None = None  # (the driver holding it, its key)
+        self._stored: tuple[DriverLink, int] | None = None  # the driver holding it, its key
         self._lock = threading.Lock()
         if not inline:
             try:  # now, on the job's thread: the put happens once per iteration
@@ -104,11 +104,11 @@ class RayTask:
     def __init__(self, number: int, batch: Batch, rollouts: list[Rollout]) -> None:
         self.number = number  # the backend's name for it, and its driver's
         self.batch, self.rollouts = batch, rollouts
-        self.submitted_to: Any = None  # the driver (`DriverLink`) it was sent to
+        self.submitted_to: DriverLink | None = None  # the driver it was sent to
         for rollout in rollouts:
             rollout.task = self
 
-    def submission(self, link: Any) -> Submit:
+    def submission(self, link: DriverLink) -> Submit:
         """What the driver behind `link` is sent to run it (its `Done` comes back by
         `number`); a large state is put there first if it is not yet."""
         batch = self.batch
