@@ -392,7 +392,8 @@ def test_options_ray_refuses_fail_the_backend_when_it_is_made(cluster):
 def test_a_killed_driver_is_replaced_and_the_job_trains_on(cluster, tmp_path):
     """SIGKILL of the backend's Ray driver (as Ray does when its object store goes away) while
     rollouts run with their state in the object store: the runtime is untouched, a new driver
-    takes the rollouts in flight, and the job ends with the digest of a run on threads."""
+    takes the rollouts in flight, and the job ends with the digest of a run on threads. A
+    driver killed while nothing runs is replaced too."""
     markers = tmp_path / "markers"
     markers.mkdir()
     spec = contract.probe_spec(SYNC, seed=15, seconds=0.3, marker_dir=str(markers),
@@ -410,7 +411,14 @@ def test_a_killed_driver_is_replaced_and_the_job_trains_on(cluster, tmp_path):
             on_ray = _final_digest(rt, job_id)
             trainer = rt.load_checkpoint(job_id, 4)
             assert not any(type(r.event).__name__ == "JobRecovered" for r in rt.history(job_id))
-        assert backend._link is not None and backend._link.pid != first
+        second = backend._link.pid
+        assert second != first
+        os.kill(second, signal.SIGKILL)  # now with nothing in flight: replaced all the same
+        wait_until(lambda: backend.unavailable is None and backend._link is not None
+                   and backend._link.pid != second, timeout=60,
+                   message="a new driver for an idle backend")
+        groups = contract.run_batch(backend, spec, timeout=60)
+        assert not any(t.failed for group in groups for t in group)
     finally:
         backend.close()
     assert not any(trainer.errors), trainer.errors  # no rollout was lost with the driver

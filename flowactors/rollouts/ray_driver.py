@@ -52,22 +52,22 @@ class Driver:
 
     def serve(self) -> None:
         """Carry out messages until `Close`, or until the runtime's end closes."""
-        while True:
-            try:
-                messages = to_driver.decode(self._conn.recv_bytes())
-            except (EOFError, OSError):
-                return
-            for message in messages:
-                if isinstance(message, Close):
-                    return
-                self._handle(message)
+        try:
+            while True:
+                for message in to_driver.decode(self._conn.recv_bytes()):
+                    if isinstance(message, Close):
+                        return
+                    self._handle(message)
+        except (EOFError, OSError):
+            return
 
     def _handle(self, message: Any) -> None:
         if isinstance(message, Submit):
             self._submit(message)
         elif isinstance(message, Put):
+            data = self._conn.recv_bytes()  # EOFError: the runtime is gone, as in `serve`
             try:
-                self._states[message.key] = self._ray.put(message.data)
+                self._states[message.key] = self._ray.put(data)
             except Exception as exc:  # its tasks are refused, with this reason
                 self._states[message.key] = exc
         elif isinstance(message, Cancel):

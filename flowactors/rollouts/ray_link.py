@@ -43,10 +43,10 @@ class Setup(msgspec.Struct, tag=True):
 
 
 class Put(msgspec.Struct, tag=True):
-    """Put a trainer state's encoding in the object store, under `key`."""
+    """Put a trainer state's encoding in the object store, under `key`: the next frame is the
+    state's bytes, as they are (no copy of them into a message)."""
 
     key: int
-    data: bytes
 
 
 class Submit(msgspec.Struct, tag=True):
@@ -168,7 +168,7 @@ class DriverLink:
         return reply
 
     def put(self, key: int, data: bytes) -> None:
-        self._send([Put(key, data)])
+        self._send([Put(key)], data)
 
     def submit(self, submits: list[Submit]) -> None:
         self._send(submits)
@@ -181,8 +181,9 @@ class DriverLink:
         a finalizer's too: it only appends)."""
         self._dropped.append(key)
 
-    def _send(self, messages: list[Any]) -> None:
-        """One frame: the states to drop, then `messages`, carried out in that order."""
+    def _send(self, messages: list[Any], data: bytes | None = None) -> None:
+        """One frame: the states to drop, then `messages`, carried out in that order; then
+        `data` as a frame of its own if given (a `Put`'s)."""
         with self._send_lock:
             if self._closing:
                 raise DriverGone("the Ray driver is closing")
@@ -191,6 +192,8 @@ class DriverLink:
                     keys = [self._dropped.popleft() for _ in range(len(self._dropped))]
                     messages = [Drop(keys), *messages]
                 self._conn.send_bytes(encoder.encode(messages))
+                if data is not None:
+                    self._conn.send_bytes(data)
             except OSError as exc:
                 raise DriverGone(f"the Ray driver process cannot be reached: {exc!r}") from None
 
