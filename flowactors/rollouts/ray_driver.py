@@ -17,7 +17,6 @@ import threading
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ..errors import one_line
 from .ray_link import (
     Cancel,
     Close,
@@ -29,6 +28,7 @@ from .ray_link import (
     Refused,
     Setup,
     Submit,
+    describe,
     encoder,
     to_driver,
 )
@@ -92,8 +92,7 @@ class Driver:
                     raise RuntimeError(f"the state could not be stored: {state!r}")
                 ref = self._remote.remote(message.call, state)
         except Exception as exc:  # Ray refused it: not connected, a bad option, ...
-            self._outbox.put(Done(message.task, error=f"{type(exc).__name__}: "
-                                  f"{one_line(str(exc))}", submitted=False))
+            self._outbox.put(Done(message.task, error=describe(exc), submitted=False))
             return
         with self._lock:
             self._refs[message.task] = ref
@@ -106,8 +105,11 @@ class Driver:
             self._refs.pop(task, None)
         if isinstance(result, bytes):
             self._outbox.put(Done(task, result=result))
+        elif isinstance(result, BaseException):
+            self._outbox.put(Done(task, error=describe(result)))
         else:
-            self._outbox.put(Done(task, error=_first_line(result)))
+            self._outbox.put(Done(task, error=f"TypeError: the task returned "
+                                  f"{type(result).__name__}, not bytes"))
 
     def _write(self) -> None:
         """Send what is in the outbox, all of it in one frame (results come in bursts)."""
@@ -125,13 +127,6 @@ class Driver:
     def stop(self) -> None:
         self._outbox.put(None)
         self._writer.join(timeout=_SHUTDOWN_S)
-
-
-def _first_line(result: Any) -> str:
-    if not isinstance(result, BaseException):
-        return f"TypeError: the task returned {type(result).__name__}, not bytes"
-    text = str(result).strip()
-    return f"{type(result).__name__}: {one_line(text.splitlines()[0]) if text else ''}"
 
 
 def _connect(setup: Setup) -> tuple[Any, Any, str | None]:
@@ -160,13 +155,12 @@ def main(argv: list[str]) -> int:
     try:
         ray, remote, gcs = _connect(setup)
     except (ValueError, TypeError) as exc:  # Ray refused an option
-        conn.send_bytes(encoder.encode([Refused(f"{type(exc).__name__}: {one_line(str(exc))}",
-                                               bad_options=True)]))
+        conn.send_bytes(encoder.encode([Refused(describe(exc), bad_options=True)]))
         return 1
     except Exception as exc:
         conn.send_bytes(encoder.encode([Refused(
-            f"Ray could not connect to {setup.address or 'a local cluster'}: "
-            f"{type(exc).__name__}: {one_line(str(exc))}", bad_options=False)]))
+            f"Ray could not connect to {setup.address or 'a local cluster'}: {describe(exc)}",
+            bad_options=False)]))
         return 1
     conn.send_bytes(encoder.encode([Connected(gcs)]))
     driver = Driver(ray, remote, conn)

@@ -24,6 +24,7 @@ from typing import Any
 
 import msgspec
 
+from ..errors import one_line
 from ..logs import get_logger
 
 log = get_logger(__name__)
@@ -99,6 +100,13 @@ FromDriver = Connected | Refused | Done
 encoder = msgspec.msgpack.Encoder()
 to_driver = msgspec.msgpack.Decoder(list[ToDriver])  # a frame holds several messages
 from_driver = msgspec.msgpack.Decoder(list[FromDriver])
+
+
+def describe(exc: BaseException) -> str:
+    """An exception as one line, "Type: the first line of its message" (how both ends of the
+    link report Ray's errors)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {one_line(lines[0]) if lines else ''}"
 
 
 class DriverGone(Exception):

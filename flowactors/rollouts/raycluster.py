@@ -5,9 +5,10 @@ What runs where: the runtime, its log and every job's `init`/`update`/`evaluate`
 process; each rollout is one Ray task anywhere in the cluster, given one msgspec-encoded
 argument. The runtime's process never imports Ray: a child process of it is the Ray driver
 (`ray_link`, `ray_driver`), so that Ray ending its driver (it does when its node's object
-store goes away) cannot end the runtime. Short rollouts share: once a job's rollouts are measured to take less than
-`SHARED_TASK_S` together, up to `max_rollouts_per_task` of one iteration run in one task, one
-after another, so Ray's cost per task (about a millisecond of CPU) is paid once for them.
+store goes away) cannot end the runtime. Short rollouts share: once a job's rollouts are
+measured to take less than `SHARED_TASK_S` together, up to `max_rollouts_per_task` of one
+iteration run in one task, one after another, so Ray's cost per task (about a millisecond of
+CPU) is paid once for them.
 Per iteration a large trainer state goes to the object store once (`ray.put` of its msgspec
 encoding) and every rollout of that iteration reads it there; a small one (up to
 `max_inline_state` bytes) travels inside each task's argument instead, which costs less than
@@ -41,7 +42,7 @@ from ..spec import JobSpec, TrainingQuery
 from ..tasks import Task, Trajectory, failed_trajectory, snapshot
 from .base import Deadlines, OnComplete, RolloutBatch, RolloutHandle
 from .ray_batch import Batch, ClusterUnreachable, RayTask, Rollout
-from .ray_link import Done, DriverGone, DriverLink, Setup
+from .ray_link import Done, DriverGone, DriverLink, Setup, describe
 
 log = get_logger(__name__)
 
@@ -220,29 +221,14 @@ class RayRollouts:
         return None
 
     def _submit(self, tasks: list[RayTask], link: DriverLink) -> None:
-        """Send tasks to the driver in one message (a task that cannot be made fails alone)."""
-        submits = []
+        """Send tasks to the driver in one message."""
         try:
-            for ray_task in tasks:
-                try:
-                    submits.append(ray_task.submission(link))
-                except ClusterUnreachable:
-                    raise
-                except Exception as exc:  # it cannot be encoded
-                    self._finished(ray_task, [failed_trajectory(
-                        f"rollout could not be submitted to Ray: {type(exc).__name__}: {exc}")])
-            if submits:
-                link.submit(submits)
+            link.submit([ray_task.submission(link) for ray_task in tasks])
         except (ClusterUnreachable, DriverGone) as exc:  # they wait for the next driver
             self._lost(link, str(exc))
-        except Exception as exc:  # the message cannot be sent: each of its tasks fails
-            failed = failed_trajectory(
-                f"rollout could not be submitted to Ray: {type(exc).__name__}: {exc}")
-            for submit in submits:
-                with self._lock:
-                    ray_task = self._running.get(submit.task)
-                if ray_task is not None:
-                    self._finished(ray_task, [failed])
+        except Exception as exc:  # the message cannot be made or sent: each of its tasks fails
+            for ray_task in tasks:
+                self._finished(ray_task, [_refused(describe(exc))])
 
     def _done(self, link: DriverLink, done: Done) -> None:
         """A task's `Done` from a driver (called on its link's thread)."""
@@ -254,11 +240,10 @@ class RayRollouts:
             try:
                 trajectories = ray_task.trajectories(done.result)
             except Exception as exc:  # not a list of one result per rollout
-                trajectories = [failed_trajectory(f"{type(exc).__name__}: {_first_line(exc)}")]
+                trajectories = [failed_trajectory(describe(exc))]
             self._finished(ray_task, trajectories)
         elif not done.submitted:  # Ray refused it
-            self._finished(ray_task, [failed_trajectory(
-                f"rollout could not be submitted to Ray: {done.error}")])
+            self._finished(ray_task, [_refused(done.error or "no reason given")])
         else:  # the worker or its node died, the object was lost, ... A dying head kills
             # workers first: is it this task, or the cluster?
             failed = [failed_trajectory(done.error or "the task ended without a result")]
@@ -406,7 +391,7 @@ class RayRollouts:
         try:
             link = self._connect()
         except Exception as exc:
-            self._retry_later(_first_line(exc))
+            self._retry_later(describe(exc))
             return
         with self._lock:
             if self._closed or link is None or self._link is not link:
@@ -455,6 +440,5 @@ def _reachable(address: tuple[str, int], timeout: float = 1.0) -> bool:
         return False
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def _refused(reason: str) -> Trajectory:
+    return failed_trajectory(f"rollout could not be submitted to Ray: {reason}")
