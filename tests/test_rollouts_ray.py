@@ -82,10 +82,15 @@ def _pids(marker_dir: Path) -> set[int]:
     return {int(p.name.split("-")[0]) for p in marker_dir.iterdir()}
 
 
+def _stat(pid: int | str) -> list[str]:
+    """The fields of /proc/PID/stat after the command's name: state, parent pid, ..."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
 def _gone(pid: int) -> bool:
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie is gone too
+        return _stat(pid)[0] == "Z"  # a zombie is gone too
     except (FileNotFoundError, ProcessLookupError):  # gone, or going while we read
         return True
 
@@ -180,13 +185,14 @@ def _drivers_of(pid: int) -> list[int]:
     """The Ray driver processes the process `pid` started."""
     found = []
     for entry in Path("/proc").iterdir():
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except (OSError, ValueError):
+        if not entry.name.isdigit():
             continue
-        if (int(stat.rsplit(")", 1)[1].split()[1]) == pid
-                and b"flowactors.rollouts.ray_driver" in cmdline):
+        try:
+            parent = int(_stat(entry.name)[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:  # gone while we read
+            continue
+        if parent == pid and b"flowactors.rollouts.ray_driver" in cmdline:
             found.append(int(entry.name))
     return found
 
